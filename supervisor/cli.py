@@ -1,0 +1,22 @@
+"""`trainsup`: the command line. Commands live in small modules; this file assembles them.
+
+Nothing imported here may import torch: `trainsup --help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import click
+
+from supervisor import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="trainsup")
+def main() -> None:
+    """Fault-tolerant training supervisor for PyTorch + Accelerate.
+
+    \b
+    Example:
+      trainsup run examples/gpt/job.toml
+      trainsup checkpoints list runs/gpt-tiny
+    """

@@ -1,0 +1,159 @@
+"""The small files through which the supervisor and the ranks talk (torch-free).
+
+RUN_DIR/
+  status.json        rank 0's heartbeat (atomic replace)
+  control.json       the supervisor's standing requests to the ranks (atomic replace)
+  ranks/rank-R.json  each rank's PID for the current attempt (the supervisor signals these)
+  ranks/exit-R.json  each rank's own account of why it exited (the launcher's exit code
+                     is not reliable: with 2+ ranks it exits 1 even when all exit 0)
+
+Every write here is "write a temp file in the same directory, fsync, rename": a reader
+never sees half a file, and a crash leaves the old version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# Environment contract (design.md): names may grow, never change.
+ENV_RUN_DIR = "TRAINSUP_RUN_DIR"
+ENV_CHECKPOINT_DIR = "TRAINSUP_CHECKPOINT_DIR"
+ENV_RESUME_FROM = "TRAINSUP_RESUME_FROM"
+ENV_ATTEMPT = "TRAINSUP_ATTEMPT"
+ENV_SAVE_SIGNAL = "TRAINSUP_SAVE_SIGNAL"
+ENV_SUPERVISOR_PID = "TRAINSUP_SUPERVISOR_PID"  # ranks exit (after saving) if it dies
+ENV_MICRO_BATCH = "TRAINSUP_MICRO_BATCH"  # OOM recovery: override of the script's micro-batch
+ENV_GRAD_ACCUM = "TRAINSUP_GRAD_ACCUM"  # ... and the matching gradient accumulation
+
+# Exit codes of a rank (and of `trainsup run`, design.md).
+EXIT_FINISHED = 0
+EXIT_SAVED = 75  # EX_TEMPFAIL: "saved a checkpoint, stopped on request"
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename/create/unlink inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, durable: bool = True) -> None:
+    """Replace `path` with `obj` as JSON so that readers see the old or the new file.
+
+    `durable=False` skips the fsyncs: right for heartbeats written every few seconds,
+    where losing the last one in a power cut costs nothing.
+    """
+    path = Path(path)
+    data = (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when the file is missing or not a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.load(f)
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    run_dir: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def status(self) -> Path:
+        return self.run_dir / "status.json"
+
+    @property
+    def supervisor(self) -> Path:
+        return self.run_dir / "supervisor.json"
+
+    @property
+    def control(self) -> Path:
+        return self.run_dir / "control.json"
+
+    @property
+    def events(self) -> Path:
+        return self.run_dir / "events.jsonl"
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def ranks(self) -> Path:
+        return self.run_dir / "ranks"
+
+    @property
+    def lock(self) -> Path:
+        return self.run_dir / "job.lock"
+
+    def rank_file(self, rank: int) -> Path:
+        return self.ranks / f"rank-{rank}.json"
+
+    def exit_file(self, rank: int) -> Path:
+        return self.ranks / f"exit-{rank}.json"
+
+
+@dataclass(frozen=True)
+class Control:
+    """The supervisor's standing requests, read by every rank at each step boundary.
+
+    stop:     save a checkpoint at the next optimizer-step boundary, then exit 75.
+    pause:    hold at the next step boundary (heartbeat goes on) until pause is false.
+    save_seq: a checkpoint is wanted (training continues) whenever this number grows
+              past the last one the rank handled; the rank starts from the value it
+              finds at startup, so an old request is never replayed.
+    """
+
+    stop: bool = False
+    pause: bool = False
+    save_seq: int = 0
+    reason: str = ""
+    updated_at: float = 0.0
+
+
+def read_control(path: str | os.PathLike) -> Control:
+    obj = read_json(path) or {}
+    return Control(
+        stop=bool(obj.get("stop", False)),
+        pause=bool(obj.get("pause", False)),
+        save_seq=int(obj.get("save_seq", 0) or 0),
+        reason=str(obj.get("reason", "")),
+        updated_at=float(obj.get("updated_at", 0.0) or 0.0),
+    )
+
+
+def write_control(path: str | os.PathLike, control: Control) -> None:
+    obj = asdict(control)
+    obj["updated_at"] = time.time()
+    write_json_atomic(path, obj)
