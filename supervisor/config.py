@@ -1,0 +1,419 @@
+"""job.toml -> frozen dataclasses. The ONE module of trainsup that reads TOML.
+
+Every problem is one line that names the key path and the fix, e.g.
+`job.toml: [restart] max_restarts must be an integer >= 0, got -1`, raised as
+`JobConfigError` (a click exception: exit 2 from any command).
+
+Relative paths (script, run_dir, config_file) resolve against the job file's directory,
+so a job runs the same from any working directory.
+
+`--set section.key=value` overrides: the value is parsed as a TOML value
+(`--set restart.max_restarts=5`, `--set 'train.args=["--lr", "3e-4"]'`); when it does not
+parse as TOML it is taken as a plain string (`--set train.script=other.py`).
+
+Sections other than the ones below are parsed by `SECTION_PARSERS` (name -> callable
+taking the section's dict and returning a frozen config, raising ValueError with a
+message naming the key). The lead registers [gpu] and [power] there; their results are
+in `JobConfig.sections[name]` (the parser is called with {} when the section is absent).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping
+
+from supervisor.errors import UserError
+from train_core.retention import RetentionError, RetentionPolicy
+
+
+class JobConfigError(UserError):
+    """A bad job.toml or --set override: one line naming the key path and the fix (exit 2)."""
+
+
+# name -> parser(section: dict) -> frozen config object; filled by the lead ([gpu], [power]).
+SECTION_PARSERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {}
+
+MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
+LAUNCHERS = ("accelerate", "python")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    script: Path  # absolute
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    # "accelerate": `python -m accelerate.commands.launch ... script` (the product);
+    # "python": run the script directly as a single process (debugging, fast tests).
+    launcher: str = "accelerate"
+    num_processes: int | None = None  # None: 1, or what config_file says
+    mixed_precision: str | None = None  # None: "no", or what config_file says
+    cpu: bool = False
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int | None = None  # None: a free port per attempt (single machine)
+    config_file: Path | None = None  # an `accelerate config` YAML, absolute
+    extra_args: tuple[str, ...] = ()  # passed to accelerate launch before the script
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval_steps: int = 0  # passed to ranks as TRAINSUP_CHECKPOINT_INTERVAL_STEPS; 0 = script decides
+    interval_s: float = 0.0  # the supervisor asks for a save (control.json save_seq) this often; 0 = off
+
+
+@dataclass(frozen=True)
+class RestartConfig:
+    max_restarts: int = 10  # restarts allowed within window_s
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 300.0
+    backoff_multiplier: float = 2.0
+    jitter: float = 0.1  # fraction: each delay is scaled by a random factor in [1-jitter, 1+jitter]
+    window_s: float = 0.0  # restarts older than this are forgotten; 0 = count over the whole run
+    no_progress_limit: int = 3  # give up after this many consecutive attempts without progress; 0 = off
+
+
+@dataclass(frozen=True)
+class StopConfig:
+    grace_s: float = 60.0  # from the save request until ranks are SIGTERMed
+    kill_after_s: float = 10.0  # from SIGTERM to the rank groups until SIGKILL
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    hang_timeout_s: float = 300.0  # no heartbeat (status.json) this long while running = hung
+    startup_timeout_s: float = 600.0  # from launch until the first heartbeat of an attempt
+    poll_interval_s: float = 0.5  # main-loop tick
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    job_file: Path | None
+    run_dir: Path
+    train: TrainConfig
+    launch: LaunchConfig = LaunchConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    retention: RetentionPolicy = RetentionPolicy()
+    restart: RestartConfig = RestartConfig()
+    stop: StopConfig = StopConfig()
+    watch: WatchConfig = WatchConfig()
+    sections: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+# --------------------------------------------------------------------------- reading tables
+
+_MISSING = object()
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(v: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(v), type(v).__name__)
+
+
+class _Table:
+    """Typed reads of one TOML table; `done()` rejects the keys nobody asked for."""
+
+    def __init__(self, where: str, data: Any, base_dir: Path) -> None:
+        self.where = where  # "[restart]" or "top level"
+        if not isinstance(data, dict):
+            self.fail(f"must be a table ([{where.strip('[]')}] header), got {_type_name(data)}", key=None)
+        self.data = data
+        self.base_dir = base_dir
+        self.seen: set[str] = set()
+
+    def fail(self, msg: str, key: str | None) -> None:
+        path = " ".join(p for p in (self.where, key) if p)
+        raise JobConfigError(f"{path} {msg}" if path else msg)
+
+    def _get(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.data.get(key, _MISSING)
+
+    def int(self, key: str, default: Any, *, low: int | None = None, high: int | None = None, hint: str = "") -> Any:
+        v = self._get(key)
+        if v is _MISSING:
+            return default
+        if not isinstance(v, int) or isinstance(v, bool):
+            self.fail(f"must be an integer{hint}, got {_type_name(v)} {v!r}", key)
+        self._range(key, v, low, high, hint)
+        return v
+
+    def float(self, key: str, default: Any, *, low: float | None = None, high: float | None = None,
+              hint: str = "", low_open: bool = False) -> Any:
+        v = self._get(key)
+        if v is _MISSING:
+            return default
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            self.fail(f"must be a number{hint}, got {_type_name(v)} {v!r}", key)
+        if low_open and low is not None and v <= low:
+            self.fail(f"must be > {low}{hint}, got {v!r}", key)
+        self._range(key, v, None if low_open else low, high, hint)
+        return float(v)
+
+    def _range(self, key: str, v: Any, low: Any, high: Any, hint: str) -> None:
+        if low is not None and v < low:
+            self.fail(f"must be >= {low}{hint}, got {v!r}", key)
+        if high is not None and v > high:
+            self.fail(f"must be <= {high}{hint}, got {v!r}", key)
+
+    def bool(self, key: str, default: Any) -> Any:
+        v = self._get(key)
+        if v is _MISSING:
+            return default
+        if not isinstance(v, bool):
+            self.fail(f"must be true or false, got {_type_name(v)} {v!r}", key)
+        return v
+
+    def str(self, key: str, default: Any, *, choices: tuple[str, ...] | None = None) -> Any:
+        v = self._get(key)
+        if v is _MISSING:
+            return default
+        if not isinstance(v, str):
+            self.fail(f"must be a string, got {_type_name(v)} {v!r}", key)
+        if choices is not None and v not in choices:
+            opts = ", ".join(f'"{c}"' for c in choices)
+            self.fail(f"must be one of {opts}, got {v!r}{_did_you_mean(v, choices)}", key)
+        return v
+
+    def str_list(self, key: str) -> tuple[str, ...]:
+        v = self._get(key)
+        if v is _MISSING:
+            return ()
+        if isinstance(v, str):
+            self.fail(f'must be an array of strings such as ["--lr", "3e-4"], got the string {v!r}', key)
+        if not isinstance(v, list):
+            self.fail(f"must be an array of strings, got {_type_name(v)} {v!r}", key)
+        out = []
+        for i, item in enumerate(v):
+            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                self.fail(f"[{i}] must be a string (or number), got {_type_name(item)} {item!r}", key)
+            out.append(str(item))
+        return tuple(out)
+
+    def path(self, key: str, default: Any) -> Any:
+        v = self.str(key, _MISSING)
+        if v is _MISSING:
+            return default
+        if not v:
+            self.fail("must not be empty", key)
+        p = Path(os.path.expanduser(v))
+        return p if p.is_absolute() else self.base_dir / p
+
+    def table(self, key: str) -> dict[str, Any]:
+        v = self._get(key)
+        if v is _MISSING:
+            return {}
+        if not isinstance(v, dict):
+            self.fail(f"must be a table such as {{ KEY = \"value\" }}, got {_type_name(v)} {v!r}", key)
+        return v
+
+    def done(self) -> None:
+        for key in self.data:
+            if key not in self.seen:
+                self.fail(f"unknown key {key!r}{_did_you_mean(key, self.seen)}; "
+                          f"known keys: {', '.join(sorted(self.seen))}", key=None)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """`section.key=value` -> (("section", "key"), value); value parsed as TOML when it can be."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise JobConfigError(f"--set {text!r}: expected section.key=value, e.g. --set restart.max_restarts=5")
+    parts = tuple(p.strip() for p in key.split("."))
+    if any(not p for p in parts):
+        raise JobConfigError(f"--set {text!r}: empty name in key path {key!r}; write it as section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: take it as a string (--set train.script=other.py)
+    return parts, value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = doc
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                where = ".".join(parts[: i + 1])
+                raise JobConfigError(f"--set {text!r}: {where} is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return doc
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_job(path: str | os.PathLike, overrides: Iterable[str] = (), *, run_dir: str | os.PathLike | None = None,
+             check_script: bool = True) -> JobConfig:
+    """Read and validate a job file; raises JobConfigError (exit 2) naming the key path."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise JobConfigError(f"{path}: no such job file; pass the path to a job.toml "
+                             "(see examples/job.example.toml)") from None
+    except IsADirectoryError:
+        raise JobConfigError(f"{path} is a directory; pass the path to a job.toml file") from None
+    except OSError as e:
+        raise JobConfigError(f"{path}: cannot read the job file: {e.strerror or e}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise JobConfigError(f"{path}: not UTF-8 text; save the job file as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise JobConfigError(f"{path}: invalid TOML: {e}") from None
+    doc = apply_overrides(doc, overrides)
+    try:
+        return parse_job(doc, base_dir=path.resolve().parent, job_file=path.resolve(),
+                         run_dir=run_dir, check_script=check_script)
+    except JobConfigError as e:
+        raise JobConfigError(f"{path.name}: {e.message}") from None
+
+
+def parse_job(doc: Mapping[str, Any], *, base_dir: Path, job_file: Path | None = None,
+              run_dir: str | os.PathLike | None = None, check_script: bool = True) -> JobConfig:
+    top = _Table("", dict(doc), base_dir)
+    known_sections = ("train", "launch", "checkpoint", "retention", "restart", "stop", "watch", *SECTION_PARSERS)
+    for key, value in doc.items():
+        if isinstance(value, dict) and key not in known_sections:
+            raise JobConfigError(f"unknown section [{key}]{_did_you_mean(key, known_sections)}; "
+                                 f"known sections: {', '.join(f'[{s}]' for s in known_sections)}")
+
+    default_run_dir = base_dir / "runs" / (job_file.stem if job_file else "job")
+    resolved_run_dir = top.path("run_dir", default_run_dir)
+    if run_dir is not None:
+        resolved_run_dir = Path(run_dir).expanduser().absolute()
+
+    if "train" not in doc:
+        raise JobConfigError("missing section [train]; add [train] with script = \"train.py\"")
+    t = _Table("[train]", top.table("train"), base_dir)
+    script = t.path("script", None)
+    if script is None:
+        t.fail('is required: the training script to run, e.g. script = "train.py"', "script")
+    if check_script and not script.is_file():
+        t.fail(f"file not found: {script} (relative paths start at the job file's directory {base_dir})", "script")
+    env = t.table("env")
+    for k, v in env.items():
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            t.fail(f"must be a string, got {_type_name(v)} {v!r}", f"env.{k}")
+    train = TrainConfig(script=script, args=t.str_list("args"),
+                        env=MappingProxyType({k: str(v) for k, v in env.items()}))
+    t.done()
+
+    l = _Table("[launch]", top.table("launch"), base_dir)
+    launch = LaunchConfig(
+        launcher=l.str("launcher", "accelerate", choices=LAUNCHERS),
+        num_processes=l.int("num_processes", None, low=1, hint=" (ranks on this machine)"),
+        mixed_precision=l.str("mixed_precision", None, choices=MIXED_PRECISION),
+        cpu=l.bool("cpu", False),
+        num_machines=l.int("num_machines", 1, low=1),
+        machine_rank=l.int("machine_rank", 0, low=0),
+        main_process_ip=l.str("main_process_ip", None),
+        main_process_port=l.int("main_process_port", None, low=1, high=65535),
+        config_file=l.path("config_file", None),
+        extra_args=l.str_list("extra_args"),
+    )
+    l.done()
+    if launch.machine_rank >= launch.num_machines:
+        raise JobConfigError(f"[launch] machine_rank must be < num_machines ({launch.num_machines}), "
+                             f"got {launch.machine_rank}")
+    if launch.config_file is not None and not launch.config_file.is_file():
+        raise JobConfigError(f"[launch] config_file: file not found: {launch.config_file} "
+                             "(write one with `accelerate config --config_file PATH`)")
+    if launch.launcher == "python" and (launch.num_processes or 1) > 1:
+        raise JobConfigError('[launch] launcher = "python" runs one process; use launcher = "accelerate" '
+                             f"for num_processes = {launch.num_processes}")
+
+    c = _Table("[checkpoint]", top.table("checkpoint"), base_dir)
+    checkpoint = CheckpointConfig(
+        interval_steps=c.int("interval_steps", 0, low=0, hint=" (0: the script decides)"),
+        interval_s=c.float("interval_s", 0.0, low=0.0, hint=" (0 turns it off)"),
+    )
+    c.done()
+
+    r = _Table("[retention]", top.table("retention"), base_dir)
+    rdefaults = RetentionPolicy()
+    kwargs = dict(
+        keep_last=r.int("keep_last", rdefaults.keep_last, low=1, hint=" (the newest checkpoint is always kept)"),
+        keep_best=r.int("keep_best", rdefaults.keep_best, low=0, hint=" (0 turns it off)"),
+        best_metric=r.str("best_metric", rdefaults.best_metric),
+        best_mode=r.str("best_mode", rdefaults.best_mode, choices=("min", "max")),
+        keep_every=r.int("keep_every", rdefaults.keep_every, low=0, hint=" (0 turns it off)"),
+        keep_final=r.bool("keep_final", rdefaults.keep_final),
+    )
+    r.done()
+    try:
+        retention = RetentionPolicy(**kwargs)
+    except RetentionError as e:
+        raise JobConfigError(str(e)) from None
+
+    rs = _Table("[restart]", top.table("restart"), base_dir)
+    restart = RestartConfig(
+        max_restarts=rs.int("max_restarts", RestartConfig.max_restarts, low=0, hint=" (0: never restart)"),
+        backoff_initial_s=rs.float("backoff_initial_s", RestartConfig.backoff_initial_s, low=0.0),
+        backoff_max_s=rs.float("backoff_max_s", RestartConfig.backoff_max_s, low=0.0),
+        backoff_multiplier=rs.float("backoff_multiplier", RestartConfig.backoff_multiplier, low=1.0),
+        jitter=rs.float("jitter", RestartConfig.jitter, low=0.0, high=1.0, hint=" (a fraction of the delay)"),
+        window_s=rs.float("window_s", RestartConfig.window_s, low=0.0, hint=" (0: the whole run)"),
+        no_progress_limit=rs.int("no_progress_limit", RestartConfig.no_progress_limit, low=0, hint=" (0 turns it off)"),
+    )
+    rs.done()
+    if restart.backoff_max_s < restart.backoff_initial_s:
+        raise JobConfigError(f"[restart] backoff_max_s must be >= backoff_initial_s ({restart.backoff_initial_s}), "
+                             f"got {restart.backoff_max_s}")
+
+    s = _Table("[stop]", top.table("stop"), base_dir)
+    stop = StopConfig(
+        grace_s=s.float("grace_s", StopConfig.grace_s, low=0.0, low_open=True, hint=" (time for ranks to save)"),
+        kill_after_s=s.float("kill_after_s", StopConfig.kill_after_s, low=0.0),
+    )
+    s.done()
+
+    w = _Table("[watch]", top.table("watch"), base_dir)
+    watch = WatchConfig(
+        hang_timeout_s=w.float("hang_timeout_s", WatchConfig.hang_timeout_s, low=0.0, low_open=True),
+        startup_timeout_s=w.float("startup_timeout_s", WatchConfig.startup_timeout_s, low=0.0, low_open=True),
+        poll_interval_s=w.float("poll_interval_s", WatchConfig.poll_interval_s, low=0.01, high=10.0),
+    )
+    w.done()
+
+    sections: dict[str, Any] = {}
+    for name, parser in SECTION_PARSERS.items():
+        body = top.table(name)
+        try:
+            sections[name] = parser(body)
+        except JobConfigError:
+            raise
+        except (ValueError, TypeError) as e:
+            msg = str(e)
+            raise JobConfigError(msg if msg.startswith("[") else f"[{name}] {msg}") from None
+    top.done()
+
+    return JobConfig(job_file=job_file, run_dir=Path(resolved_run_dir), train=train, launch=launch,
+                     checkpoint=checkpoint, retention=retention, restart=restart, stop=stop, watch=watch,
+                     sections=MappingProxyType(sections))

@@ -1,0 +1,165 @@
+"""job.toml parsing: every bad input is one line naming the key path and the fix."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from supervisor import config as cfg
+from supervisor.config import JobConfigError, load_job, parse_override
+from train_core.retention import RetentionPolicy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_job(tmp_path: Path, body: str, script: str = "train.py") -> Path:
+    (tmp_path / script).write_text("print('hi')\n")
+    job = tmp_path / "job.toml"
+    job.write_text(textwrap.dedent(body))
+    return job
+
+
+MINIMAL = """
+[train]
+script = "train.py"
+"""
+
+
+def test_minimal_defaults(tmp_path):
+    job = load_job(write_job(tmp_path, MINIMAL))
+    assert job.train.script == tmp_path / "train.py"
+    assert job.run_dir == tmp_path / "runs" / "job"
+    assert job.retention == RetentionPolicy()
+    assert job.restart.max_restarts == 10
+    assert job.launch.launcher == "accelerate" and job.launch.num_processes is None
+    assert job.stop.grace_s == 60.0
+
+
+def test_full_example_validates():
+    job = load_job(REPO / "examples" / "job.example.toml")
+    assert job.run_dir == REPO / "examples" / "runs" / "example"
+    assert job.launch.cpu is True and job.launch.num_processes == 1
+    assert job.train.args == ("--steps", "50")
+    assert job.train.env["OMP_NUM_THREADS"] == "2"
+
+
+def test_relative_paths_resolve_against_job_dir(tmp_path, monkeypatch):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    job = write_job(sub, 'run_dir = "out"\n[train]\nscript = "train.py"\n')
+    monkeypatch.chdir(tmp_path)
+    loaded = load_job(Path("sub/job.toml"))
+    assert loaded.run_dir == sub / "out"
+    assert loaded.train.script == sub / "train.py"
+    assert load_job(job, run_dir=tmp_path / "elsewhere").run_dir == tmp_path / "elsewhere"
+
+
+def test_retention_section(tmp_path):
+    job = load_job(write_job(tmp_path, MINIMAL + "[retention]\nkeep_last = 5\nbest_mode = \"max\"\nkeep_every = 100\n"))
+    assert job.retention == RetentionPolicy(keep_last=5, best_mode="max", keep_every=100)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("[restart]\nmax_restart = 3\n", "job.toml: [restart] unknown key 'max_restart' (did you mean 'max_restarts'?)"),
+        ("[restart]\nmax_restarts = -1\n", "job.toml: [restart] max_restarts must be >= 0 (0: never restart), got -1"),
+        ("[restart]\nmax_restarts = \"5\"\n", "job.toml: [restart] max_restarts must be an integer (0: never restart), got a string '5'"),
+        ("[restart]\njitter = 1.5\n", "job.toml: [restart] jitter must be <= 1.0 (a fraction of the delay), got 1.5"),
+        ("[restart]\nbackoff_initial_s = 10\nbackoff_max_s = 5\n", "job.toml: [restart] backoff_max_s must be >= backoff_initial_s (10.0), got 5.0"),
+        ("[stop]\ngrace_s = 0\n", "job.toml: [stop] grace_s must be > 0.0 (time for ranks to save), got 0"),
+        ("[watch]\nhang_timeout_s = true\n", "job.toml: [watch] hang_timeout_s must be a number, got a boolean True"),
+        ("[launch]\nmixed_precision = \"bf61\"\n", "job.toml: [launch] mixed_precision must be one of \"no\", \"fp16\", \"bf16\", \"fp8\", got 'bf61' (did you mean 'bf16'?)"),
+        ("[launch]\nnum_processes = 0\n", "job.toml: [launch] num_processes must be >= 1 (ranks on this machine), got 0"),
+        ("[launch]\nconfig_file = \"nope.yaml\"\n", "[launch] config_file: file not found:"),
+        ("[launch]\nlauncher = \"python\"\nnum_processes = 2\n", "job.toml: [launch] launcher = \"python\" runs one process"),
+        ("[retention]\nkeep_last = 0\n", "job.toml: [retention] keep_last must be >= 1 (the newest checkpoint is always kept), got 0"),
+        ("[retension]\nkeep_last = 2\n", "job.toml: unknown section [retension] (did you mean 'retention'?)"),
+        ("rundir = \"x\"\n", "job.toml: unknown key 'rundir' (did you mean 'run_dir'?)"),
+        ("[checkpoint]\ninterval_steps = 1.5\n", "job.toml: [checkpoint] interval_steps must be an integer (0: the script decides), got a number 1.5"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, extra, message):
+    # top-level keys must come before the first table header in TOML
+    body = extra + MINIMAL if not extra.startswith("[") else MINIMAL + extra
+    with pytest.raises(JobConfigError) as e:
+        load_job(write_job(tmp_path, body))
+    assert message in e.value.message
+    assert "\n" not in e.value.message
+    assert e.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("[launch]\ncpu = true\n", "job.toml: missing section [train]"),
+        ("[train]\nargs = []\n", "job.toml: [train] script is required"),
+        ("[train]\nscript = \"missing.py\"\n", "job.toml: [train] script file not found:"),
+        ("[train]\nscript = \"train.py\"\nargs = \"--lr 3\"\n", "[train] args must be an array of strings such as"),
+        ("[train]\nscript = \"train.py\"\nenv = { A = [1] }\n", "job.toml: [train] env.A must be a string, got an array [1]"),
+        ("[train\n", "job.toml: invalid TOML:"),
+    ],
+)
+def test_train_section_errors(tmp_path, body, message):
+    with pytest.raises(JobConfigError) as e:
+        load_job(write_job(tmp_path, body))
+    assert message in e.value.message
+
+
+def test_missing_job_file(tmp_path):
+    with pytest.raises(JobConfigError, match="no such job file"):
+        load_job(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    "text, parts, value",
+    [
+        ("restart.max_restarts=5", ("restart", "max_restarts"), 5),
+        ("stop.grace_s=2.5", ("stop", "grace_s"), 2.5),
+        ("launch.cpu=true", ("launch", "cpu"), True),
+        ('train.args=["--lr", "3e-4"]', ("train", "args"), ["--lr", "3e-4"]),
+        ("train.script=other.py", ("train", "script"), "other.py"),
+        ("train.env.FOO=bar baz", ("train", "env", "FOO"), "bar baz"),
+        ('run_dir="/tmp/x"', ("run_dir",), "/tmp/x"),
+    ],
+)
+def test_parse_override(text, parts, value):
+    assert parse_override(text) == (parts, value)
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    job = write_job(tmp_path, MINIMAL + "[restart]\nmax_restarts = 1\n")
+    loaded = load_job(job, ["restart.max_restarts=7", "stop.grace_s=3", "train.env.X=1"])
+    assert loaded.restart.max_restarts == 7 and loaded.stop.grace_s == 3.0 and loaded.train.env["X"] == "1"
+    with pytest.raises(JobConfigError, match=r"\[stop\] unknown key 'grace' \(did you mean 'grace_s'\?\)"):
+        load_job(job, ["stop.grace=3"])
+    with pytest.raises(JobConfigError, match="expected section.key=value"):
+        load_job(job, ["stop.grace_s"])
+    with pytest.raises(JobConfigError, match="restart.max_restarts is a value, not a section"):
+        load_job(job, ["restart.max_restarts.x=1"])
+
+
+def test_section_parsers_registry(tmp_path, monkeypatch):
+    def parse_gpu(d):
+        if d.get("max_temp_c", 80) > 100:
+            raise ValueError("[gpu] max_temp_c must be <= 100, got 120")
+        return ("gpu", dict(d))
+
+    monkeypatch.setitem(cfg.SECTION_PARSERS, "gpu", parse_gpu)
+    job = write_job(tmp_path, MINIMAL + "[gpu]\nmax_temp_c = 85\n")
+    assert load_job(job).sections["gpu"] == ("gpu", {"max_temp_c": 85})
+    assert load_job(write_job(tmp_path, MINIMAL)).sections["gpu"] == ("gpu", {})
+    with pytest.raises(JobConfigError, match=r"job.toml: \[gpu\] max_temp_c must be <= 100, got 120"):
+        load_job(job, ["gpu.max_temp_c=120"])
+    with pytest.raises(JobConfigError, match=r"unknown section \[gpus\] \(did you mean 'gpu'\?\)"):
+        load_job(write_job(tmp_path, MINIMAL + "[gpus]\nx = 1\n"))
+
+
+def test_config_is_frozen(tmp_path):
+    job = load_job(write_job(tmp_path, MINIMAL))
+    with pytest.raises(Exception):
+        job.run_dir = tmp_path  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        job.train.env["X"] = "1"  # type: ignore[index]
