@@ -1,0 +1,479 @@
+"""Pure GPU policies: the `[gpu]` config, the thermal state machine, OOM back-off.
+
+Nothing here does I/O, sleeps or reads a clock: every function takes the readings
+and an explicit `now` and returns the new state plus the decisions for the
+supervisor's loop (style.md, rule 2). `supervisor/gpu.py` is the I/O edge that
+feeds these functions from NVML or from a scripted fake.
+
+Thermal state machine (hysteresis on the hottest GPU the job uses):
+
+    OK ──temp >= pause_c──▶ PAUSED ──temp <= resume_c──▶ OK
+    OK/PAUSED ──temp >= stop_c──▶ STOPPED ──temp <= resume_c──▶ OK
+
+PAUSE asks ranks to hold at a step boundary, STOP asks them to save and exit 75;
+while PAUSED or STOPPED no new attempt may start (`blocking_reason`). Between
+`resume_c` and `pause_c` nothing changes, so a temperature hovering at a threshold
+produces one transition, not a flapping stream.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import math
+from dataclasses import InitVar, dataclass, field, fields
+from typing import Any, Iterable, Mapping, Sequence
+
+from supervisor.watch import Action, Decision
+
+
+class ConfigError(ValueError):
+    """A bad `[gpu]` value; the message names the key path and the fix."""
+
+
+# Names for the bits of nvmlDeviceGetCurrentClocksEventReasons (nvml.h,
+# nvmlClocksEventReason*). Bit 0x2 is both "applications clocks" and
+# "user defined clocks" (same value in nvml.h).
+THROTTLE_BITS: dict[int, str] = {
+    0x1: "gpu_idle",
+    0x2: "applications_clocks",
+    0x4: "sw_power_cap",
+    0x8: "hw_slowdown",
+    0x10: "sync_boost",
+    0x20: "sw_thermal",
+    0x40: "hw_thermal",
+    0x80: "hw_power_brake",
+    0x100: "display_clocks",
+}
+THROTTLE_NAMES: frozenset[str] = frozenset(THROTTLE_BITS.values())
+
+
+def decode_throttle(mask: int) -> tuple[str, ...]:
+    """Bit mask from NVML -> reason names, in bit order; unknown bits as `unknown_0x...`."""
+    names = [name for bit, name in sorted(THROTTLE_BITS.items()) if mask & bit]
+    rest = mask & ~sum(THROTTLE_BITS)
+    bit = 1
+    while rest:
+        if rest & bit:
+            names.append(f"unknown_{bit:#x}")
+            rest &= ~bit
+        bit <<= 1
+    return tuple(names)
+
+
+# --------------------------------------------------------------------------- config
+
+BACKENDS = ("auto", "nvml", "fake")
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    """The `[gpu]` section of job.toml."""
+
+    enabled: bool = True
+    # "nvml": the real driver; "fake": readings from `fake_script` (tests, demos);
+    # "auto": the fake when `fake_script` is set, NVML otherwise.
+    backend: str = "auto"
+    fake_script: str | None = None
+    poll_interval_s: float = 2.0
+    # Laptop GPUs sit at ~85 C under load and slow down near 87-90 C; datacenter
+    # parts throttle around 85-90 C. Pausing at 85 and resuming at 75 gives the
+    # cooler ~10 C of room, so a paused run does not bounce on the threshold.
+    pause_c: float = 85.0
+    resume_c: float = 75.0
+    stop_c: float = 92.0
+    vram_warn_fraction: float = 0.95
+    # The VRAM warning re-arms only once usage is this far below the warning level,
+    # so an allocator hovering at the level does not repeat the warning.
+    vram_rearm_margin: float = 0.05
+    # Throttle reasons worth an event. sw_power_cap and gpu_idle are routine.
+    throttle_notice: tuple[str, ...] = ("hw_thermal", "sw_thermal", "hw_power_brake", "hw_slowdown")
+    # A throttle episode ends after the reason has been absent this long
+    # (NVML's bits flicker from one read to the next).
+    throttle_rearm_s: float = 60.0
+    oom_recovery: bool = True
+    oom_min_micro_batch: int = 1
+    where: InitVar[str] = "gpu"
+
+    def __post_init__(self, where: str) -> None:
+        _validate(self, where)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "gpu") -> "GpuConfig":
+        """Build from the parsed `[gpu]` table; raise ConfigError naming the key and the fix."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"[{where}] must be a table (e.g. `[gpu]` with `pause_c = 85`), got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        values: dict[str, Any] = {}
+        for key, value in d.items():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"[{where}] unknown key {key!r}{hint} (known keys: {', '.join(known)})"
+                )
+            values[key] = _coerce(where, key, value)
+        return cls(**values, where=where)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/TOML-able form (for the manifest, `trainsup validate`, status); None left out."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        out["throttle_notice"] = list(self.throttle_notice)
+        return out
+
+
+_BOOL_KEYS = {"enabled", "oom_recovery"}
+_FLOAT_KEYS = {
+    "poll_interval_s", "pause_c", "resume_c", "stop_c",
+    "vram_warn_fraction", "vram_rearm_margin", "throttle_rearm_s",
+}
+_EXAMPLES = {
+    "poll_interval_s": "2.0",
+    "pause_c": "85",
+    "resume_c": "75",
+    "stop_c": "92",
+    "vram_warn_fraction": "0.95",
+    "vram_rearm_margin": "0.05",
+    "throttle_rearm_s": "60",
+    "oom_min_micro_batch": "1",
+    "backend": '"auto"',
+    "fake_script": '"gpu-script.toml"',
+    "throttle_notice": '["hw_thermal", "hw_power_brake"]',
+}
+
+
+def _coerce(where: str, key: str, value: Any) -> Any:
+    """Type check one key read from TOML/JSON; ints are accepted where floats are."""
+    def bad(kind: str) -> ConfigError:
+        example = _EXAMPLES.get(key, "true" if key in _BOOL_KEYS else "")
+        return ConfigError(f"[{where}] {key} must be {kind} (e.g. {key} = {example}), got {value!r}")
+
+    if key in _BOOL_KEYS:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if key in _FLOAT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if key == "oom_min_micro_batch":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if key in ("backend",):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if key == "fake_script":
+        if not isinstance(value, str) or not value:
+            raise bad("a path string")
+        return value
+    if key == "throttle_notice":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        return tuple(value)
+    return value
+
+
+def _validate(c: GpuConfig, where: str) -> None:
+    p = f"[{where}]"
+    for key in _BOOL_KEYS:
+        if not isinstance(getattr(c, key), bool):
+            raise ConfigError(f"{p} {key} must be true or false, got {getattr(c, key)!r}")
+    for key in _FLOAT_KEYS:
+        v = getattr(c, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{p} {key} must be a finite number (e.g. {key} = {_EXAMPLES[key]}), got {v!r}")
+    if c.backend not in BACKENDS:
+        close = difflib.get_close_matches(str(c.backend), BACKENDS, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{p} backend must be one of {', '.join(repr(b) for b in BACKENDS)}{hint}, got {c.backend!r}")
+    if c.backend == "fake" and not c.fake_script:
+        raise ConfigError(f'{p} backend = "fake" needs fake_script = "PATH" (a JSON or TOML script of readings)')
+    if c.backend == "nvml" and c.fake_script:
+        raise ConfigError(f'{p} fake_script is only read with backend = "fake" or "auto"; remove it or change backend, got backend = "nvml"')
+    if not 0.1 <= c.poll_interval_s <= 3600:
+        raise ConfigError(f"{p} poll_interval_s must be between 0.1 and 3600 seconds, got {c.poll_interval_s!r}")
+    for key in ("pause_c", "resume_c", "stop_c"):
+        v = getattr(c, key)
+        if not 0 < v < 150:
+            raise ConfigError(f"{p} {key} must be a temperature in Celsius between 0 and 150, got {v!r}")
+    if not c.resume_c < c.pause_c:
+        raise ConfigError(f"{p} resume_c must be below pause_c ({_num(c.pause_c)}), got {_num(c.resume_c)}")
+    if not c.pause_c <= c.stop_c:
+        raise ConfigError(f"{p} stop_c must be at or above pause_c ({_num(c.pause_c)}), got {_num(c.stop_c)}")
+    if not 0 < c.vram_warn_fraction <= 1:
+        raise ConfigError(f"{p} vram_warn_fraction must be in (0, 1], e.g. 0.95 for 95% of VRAM, got {c.vram_warn_fraction!r}")
+    if not 0 <= c.vram_rearm_margin < c.vram_warn_fraction:
+        raise ConfigError(
+            f"{p} vram_rearm_margin must be >= 0 and below vram_warn_fraction ({c.vram_warn_fraction}), got {c.vram_rearm_margin!r}"
+        )
+    if c.throttle_rearm_s < 0:
+        raise ConfigError(f"{p} throttle_rearm_s must be >= 0 seconds, got {c.throttle_rearm_s!r}")
+    if isinstance(c.oom_min_micro_batch, bool) or not isinstance(c.oom_min_micro_batch, int) or c.oom_min_micro_batch < 1:
+        raise ConfigError(f"{p} oom_min_micro_batch must be an integer >= 1, got {c.oom_min_micro_batch!r}")
+    if isinstance(c.throttle_notice, str) or not isinstance(c.throttle_notice, tuple):
+        raise ConfigError(f"{p} throttle_notice must be a list of reason names, got {c.throttle_notice!r}")
+    for name in c.throttle_notice:
+        if name not in THROTTLE_NAMES:
+            close = difflib.get_close_matches(str(name), sorted(THROTTLE_NAMES), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{p} throttle_notice has unknown reason {name!r}{hint} (known: {', '.join(sorted(THROTTLE_NAMES))})"
+            )
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+# --------------------------------------------------------------------------- readings
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    used_bytes: int | None  # None where the driver cannot tell (NVML_VALUE_NOT_AVAILABLE)
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    """One read of one GPU. Fields the device cannot report are None."""
+
+    index: int  # NVML index (PCI bus order), not the CUDA ordinal inside the job
+    vram_used_bytes: int | None = None
+    vram_total_bytes: int | None = None
+    temp_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    throttle: tuple[str, ...] = ()
+    processes: tuple[GpuProcess, ...] = ()
+    uuid: str | None = None
+    name: str | None = None
+
+    @property
+    def vram_fraction(self) -> float | None:
+        if self.vram_used_bytes is None or not self.vram_total_bytes:
+            return None
+        return self.vram_used_bytes / self.vram_total_bytes
+
+
+# --------------------------------------------------------------------------- policies
+
+
+class ThermalPhase(enum.Enum):
+    OK = "ok"
+    PAUSED = "paused"  # ranks hold at a step boundary until temp <= resume_c
+    STOPPED = "stopped"  # ranks saved and exited; no restart until temp <= resume_c
+
+
+@dataclass(frozen=True)
+class ThermalStep:
+    phase: ThermalPhase
+    action: Action | None  # None: nothing to do this poll
+
+
+def thermal_step(cfg: GpuConfig, phase: ThermalPhase, temp_c: float | None) -> ThermalStep:
+    """One transition of the hysteresis machine for the hottest GPU's temperature.
+
+    A missing reading (None) changes nothing: no decision is taken blind.
+    """
+    if temp_c is None:
+        return ThermalStep(phase, None)
+    if phase is ThermalPhase.OK:
+        if temp_c >= cfg.stop_c:
+            return ThermalStep(ThermalPhase.STOPPED, Action.STOP)
+        if temp_c >= cfg.pause_c:
+            return ThermalStep(ThermalPhase.PAUSED, Action.PAUSE)
+        return ThermalStep(phase, None)
+    if phase is ThermalPhase.PAUSED:
+        if temp_c >= cfg.stop_c:
+            return ThermalStep(ThermalPhase.STOPPED, Action.STOP)
+        if temp_c <= cfg.resume_c:
+            return ThermalStep(ThermalPhase.OK, Action.RESUME)
+        return ThermalStep(phase, None)
+    # STOPPED: ranks are gone (or going); only cooling down ends it. The NOTE
+    # records the moment restarts are allowed again.
+    if temp_c <= cfg.resume_c:
+        return ThermalStep(ThermalPhase.OK, Action.NOTE)
+    return ThermalStep(phase, None)
+
+
+def vram_warning_step(cfg: GpuConfig, warned: bool, fraction: float | None) -> tuple[bool, bool]:
+    """-> (warned_now, fire). Fires once per episode; re-arms below the level minus the margin."""
+    if fraction is None:
+        return warned, False
+    if not warned and fraction > cfg.vram_warn_fraction:
+        return True, True
+    if warned and fraction < cfg.vram_warn_fraction - cfg.vram_rearm_margin:
+        return False, False
+    return warned, False
+
+
+def throttle_step(
+    cfg: GpuConfig,
+    episodes: Mapping[str, float],
+    active: Iterable[str],
+    now: float,
+) -> tuple[dict[str, float], list[str]]:
+    """Per GPU: episodes maps reason -> last time seen. Returns (episodes, reasons that just started).
+
+    An episode starts when a noticed reason appears and ends once it has been absent
+    for `throttle_rearm_s`, so a bit that flickers on and off is one episode.
+    """
+    active_set = {r for r in active if r in cfg.throttle_notice}
+    out: dict[str, float] = {}
+    started: list[str] = []
+    for reason, last_seen in episodes.items():
+        if reason in active_set or now - last_seen < cfg.throttle_rearm_s:
+            out[reason] = last_seen
+    for reason in sorted(active_set):
+        if reason not in out:
+            started.append(reason)
+        out[reason] = now
+    return out, started
+
+
+@dataclass(frozen=True)
+class WatchState:
+    """Everything the GPU policy remembers between polls (immutable; replaced each poll)."""
+
+    phase: ThermalPhase = ThermalPhase.OK
+    phase_since_s: float | None = None
+    phase_temp_c: float | None = None  # the temperature that caused the current phase
+    phase_gpu: int | None = None
+    vram_warned: frozenset[int] = frozenset()
+    # (gpu index, reason, last seen) of open throttle episodes
+    throttle: tuple[tuple[int, str, float], ...] = ()
+
+
+_THERMAL_EVENTS = {
+    (ThermalPhase.PAUSED, Action.PAUSE): "thermal_pause",
+    (ThermalPhase.STOPPED, Action.STOP): "thermal_stop",
+    (ThermalPhase.OK, Action.RESUME): "thermal_resume",
+    (ThermalPhase.OK, Action.NOTE): "thermal_cooled",
+}
+
+
+def evaluate(
+    cfg: GpuConfig, state: WatchState, readings: Sequence[GpuReading], now: float
+) -> tuple[WatchState, list[Decision]]:
+    """Apply all GPU policies to one set of readings (one per GPU the job uses)."""
+    decisions: list[Decision] = []
+
+    # Thermal: the hottest GPU decides (one hot rank stalls all of them anyway).
+    temps = [(r.temp_c, r.index) for r in readings if r.temp_c is not None]
+    hot_c, hot_gpu = max(temps) if temps else (None, None)
+    step = thermal_step(cfg, state.phase, hot_c)
+    phase, since, phase_temp, phase_gpu = state.phase, state.phase_since_s, state.phase_temp_c, state.phase_gpu
+    if step.action is not None:
+        assert hot_c is not None
+        event = _THERMAL_EVENTS[(step.phase, step.action)]
+        details = {"gpu": hot_gpu, "temp_c": hot_c, "pause_c": cfg.pause_c, "resume_c": cfg.resume_c, "stop_c": cfg.stop_c}
+        decisions.append(Decision(step.action, event, _thermal_reason(cfg, event, hot_gpu, hot_c, state, now), details))
+        phase, since, phase_temp, phase_gpu = step.phase, now, hot_c, hot_gpu
+
+    # VRAM: one warning per GPU per episode.
+    warned = set(state.vram_warned)
+    for r in readings:
+        was = r.index in warned
+        now_warned, fire = vram_warning_step(cfg, was, r.vram_fraction)
+        if now_warned:
+            warned.add(r.index)
+        else:
+            warned.discard(r.index)
+        if fire:
+            frac = r.vram_fraction
+            assert frac is not None
+            decisions.append(Decision(
+                Action.NOTE,
+                "vram_warning",
+                f"GPU {r.index} uses {frac:.0%} of its VRAM ({_gib(r.vram_used_bytes)} of "
+                f"{_gib(r.vram_total_bytes)}), above vram_warn_fraction {cfg.vram_warn_fraction:.0%}: "
+                "an out-of-memory error is near",
+                {"gpu": r.index, "vram_used_bytes": r.vram_used_bytes,
+                 "vram_total_bytes": r.vram_total_bytes, "vram_warn_fraction": cfg.vram_warn_fraction},
+            ))
+
+    # Throttling: one note per GPU when new noticed reasons appear.
+    by_gpu: dict[int, dict[str, float]] = {}
+    for gpu, reason, last in state.throttle:
+        by_gpu.setdefault(gpu, {})[reason] = last
+    seen = {r.index for r in readings}
+    new_throttle: list[tuple[int, str, float]] = []
+    for r in readings:
+        episodes, started = throttle_step(cfg, by_gpu.get(r.index, {}), r.throttle, now)
+        new_throttle += [(r.index, reason, last) for reason, last in episodes.items()]
+        if started:
+            decisions.append(Decision(
+                Action.NOTE,
+                "gpu_throttle",
+                f"GPU {r.index} clocks are held back by {', '.join(started)}"
+                + (f" at {_num(r.temp_c)} C" if r.temp_c is not None else "")
+                + (f", {r.power_w:.0f} W of {r.power_limit_w:.0f} W" if r.power_w is not None and r.power_limit_w else "")
+                + ": training slows down",
+                {"gpu": r.index, "reasons": started, "all_reasons": list(r.throttle),
+                 "temp_c": r.temp_c, "power_w": r.power_w, "power_limit_w": r.power_limit_w},
+            ))
+    # A GPU missing from this read keeps its episodes (no reading is not "not throttled").
+    new_throttle += [(g, reason, last) for g, eps in by_gpu.items() if g not in seen for reason, last in eps.items()]
+
+    new_state = WatchState(phase, since, phase_temp, phase_gpu, frozenset(warned), tuple(sorted(new_throttle)))
+    return new_state, decisions
+
+
+def _thermal_reason(cfg: GpuConfig, event: str, gpu: int | None, temp_c: float, state: WatchState, now: float) -> str:
+    t = f"GPU {gpu} is at {_num(temp_c)} C"
+    waited = f" after {now - state.phase_since_s:.0f} s" if state.phase_since_s is not None else ""
+    if event == "thermal_pause":
+        return f"{t}, at or above pause_c {_num(cfg.pause_c)} C: pausing at the next step boundary until it is at or below resume_c {_num(cfg.resume_c)} C"
+    if event == "thermal_stop":
+        return f"{t}, at or above stop_c {_num(cfg.stop_c)} C: saving and stopping; restart waits until it is at or below resume_c {_num(cfg.resume_c)} C"
+    if event == "thermal_resume":
+        return f"{t}, at or below resume_c {_num(cfg.resume_c)} C{waited}: resuming"
+    return f"{t}, at or below resume_c {_num(cfg.resume_c)} C{waited}: cooled, restarts allowed again"
+
+
+def blocking_reason(cfg: GpuConfig, state: WatchState) -> str | None:
+    """Why a new attempt must not start now, or None."""
+    if state.phase is ThermalPhase.OK:
+        return None
+    temp = f" (at {_num(state.phase_temp_c)} C)" if state.phase_temp_c is not None else ""
+    what = "stopped" if state.phase is ThermalPhase.STOPPED else "paused"
+    return f"GPU {state.phase_gpu} too hot{temp}: {what}, waiting until it is at or below resume_c {_num(cfg.resume_c)} C"
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+# --------------------------------------------------------------------------- OOM
+
+
+def next_batch_shape(micro_batch: int, grad_accum: int, floor: int = 1) -> tuple[int, int] | None:
+    """Smaller micro-batch after a CUDA out-of-memory exit, same effective batch.
+
+    Even micro-batch: halve it and double accumulation. Odd micro-batch: halving
+    is not an integer, so take the largest micro-batch <= micro_batch // 2 that
+    divides the effective batch (micro_batch * grad_accum) exactly, e.g. 5 x 2 ->
+    2 x 5, 7 x 1 -> 1 x 7. The effective batch is always exactly preserved and the
+    micro-batch at least halves (a shrink by one sample would likely OOM again and
+    cost another restart). Returns None when no such size >= floor exists: give up.
+    """
+    for name, v, low in (("micro_batch", micro_batch, 1), ("grad_accum", grad_accum, 1), ("floor", floor, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    effective = micro_batch * grad_accum
+    for candidate in range(micro_batch // 2, floor - 1, -1):
+        if effective % candidate == 0:
+            return candidate, effective // candidate
+    return None
+
+
+def oom_give_up_reason(micro_batch: int, grad_accum: int, floor: int = 1) -> str:
+    """The one sentence for events/exit when next_batch_shape returned None."""
+    return (
+        f"CUDA out of memory at micro-batch {micro_batch} (x{grad_accum} accumulation), and no smaller "
+        f"micro-batch >= oom_min_micro_batch {floor} divides the effective batch {micro_batch * grad_accum}: "
+        "giving up; reduce the model or sequence size, or lower [gpu] oom_min_micro_batch"
+    )
