@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import enum
 import math
-from dataclasses import InitVar, dataclass, field, fields
+from dataclasses import InitVar, dataclass, fields
 from typing import Any, Iterable, Mapping, Sequence
 
 from supervisor.watch import Action, Decision
