@@ -20,3 +20,10 @@ def main() -> None:
       trainsup run examples/gpt/job.toml
       trainsup checkpoints list runs/gpt-tiny
     """
+
+
+from supervisor.cli_run import run_cmd, status_cmd, validate_cmd  # noqa: E402
+
+main.add_command(run_cmd)
+main.add_command(validate_cmd)
+main.add_command(status_cmd)

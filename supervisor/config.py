@@ -215,7 +215,7 @@ class _Table:
         if not v:
             self.fail("must not be empty", key)
         p = Path(os.path.expanduser(v))
-        return p if p.is_absolute() else self.base_dir / p
+        return Path(os.path.normpath(p if p.is_absolute() else self.base_dir / p))
 
     def table(self, key: str) -> dict[str, Any]:
         v = self._get(key)

@@ -1,0 +1,287 @@
+"""`trainsup run`, `trainsup validate`, `trainsup status`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import click
+
+from supervisor.config import JobConfig, load_job
+from supervisor.errors import UserError
+
+SET_HELP = "Override a job.toml value, e.g. --set restart.max_restarts=5 (repeatable; the value is TOML)."
+
+
+# --------------------------------------------------------------------------- console
+
+
+class Console(logging.Handler):
+    """Everything `trainsup run` prints: log lines, child output, and the progress line.
+
+    On a terminal the progress line is redrawn in place under the scrolling output; when
+    stdout is not a terminal (journald, a file) there is no redrawing: plain lines only,
+    with a progress line every `plain_every_s`.
+    """
+
+    def __init__(self, stream: TextIO, *, tty: bool | None = None, plain_every_s: float = 30.0) -> None:
+        super().__init__(logging.INFO)
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self.plain_every_s = plain_every_s
+        self._progress = ""
+        self._last_plain = 0.0
+        self._last_draw = 0.0
+        self.setFormatter(logging.Formatter("[trainsup] %(message)s"))
+
+    def _write_line(self, line: str) -> None:
+        if self.tty and self._progress:
+            self.stream.write("\r\x1b[K" + line + "\n" + self._progress)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            if record.levelno >= logging.WARNING:
+                msg = msg.replace("[trainsup] ", f"[trainsup] {record.levelname.lower()}: ", 1)
+            self._write_line(msg)
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
+
+    def child_output(self, line: str) -> None:
+        self._write_line(line)
+
+    def progress(self, snap: dict[str, Any]) -> None:
+        now = time.monotonic()
+        text = progress_text(snap)
+        if self.tty:
+            if text != self._progress and now - self._last_draw >= 0.5:
+                self._last_draw = now
+                self._progress = text
+                self.stream.write("\r\x1b[K" + text)
+                self.stream.flush()
+        elif now - self._last_plain >= self.plain_every_s and snap.get("state") == "running":
+            self._last_plain = now
+            self._write_line("[trainsup] " + text)
+
+    def close_line(self) -> None:
+        if self.tty and self._progress:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._progress = ""
+
+
+def _fmt_num(v: Any, spec: str) -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def progress_text(s: dict[str, Any]) -> str:
+    step = s.get("step")
+    max_steps = s.get("max_steps")
+    step_txt = "-" if step is None else (f"{step}/{max_steps}" if max_steps else str(step))
+    ck = s.get("last_checkpoint") or {}
+    parts = [
+        f"{s.get('state')} attempt {s.get('attempt')}",
+        f"step {step_txt}",
+        f"loss {_fmt_num(s.get('loss'), '.4f')}",
+        f"tok/s {_fmt_num(s.get('tokens_per_s'), ',.0f')}",
+        f"ckpt {ck.get('step', '-')}",
+        f"restarts {s.get('restarts', 0)}",
+    ]
+    return " | ".join(parts)
+
+
+# --------------------------------------------------------------------------- run
+
+
+@click.command("run")
+@click.argument("job_file", type=click.Path(path_type=Path))
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory (checkpoints, logs, status); overrides run_dir in the job file.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Run a training job and keep it alive until it finishes.
+
+    Starts `accelerate launch` for the job's script, restarts it from the newest valid
+    checkpoint after a crash, hang or OOM (with backoff), and turns SIGTERM, SIGINT,
+    SIGHUP and SIGUSR1 into a save at the next step boundary. A second Ctrl-C stops at once.
+
+    Exit codes: 0 finished, 2 bad job file, 3 gave up, 4 run dir locked, 75 stopped
+    with a checkpoint saved, 128+N stopped by signal N before a checkpoint was saved.
+
+    \b
+    Example:
+      trainsup run job.toml --set stop.grace_s=120
+    """
+    from supervisor import launch
+    from supervisor.runner import Runner, build_watchers
+
+    job = load_job(job_file, overrides, run_dir=run_dir)
+    console = Console(sys.stdout)
+    root = logging.getLogger("supervisor")
+    root.setLevel(logging.INFO)
+    root.addHandler(console)
+    root.propagate = False
+    try:
+        watchers = build_watchers(job)
+        subreaper = launch.set_child_subreaper()
+        code = Runner(job, watchers=watchers, reporter=console, subreaper=subreaper).run()
+    finally:
+        console.close_line()
+        root.removeHandler(console)
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------- validate
+
+
+@click.command("validate")
+@click.argument("job_file", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+def validate_cmd(job_file: Path, overrides: tuple[str, ...]) -> None:
+    """Check a job file without running it: every problem names its key (exit 2).
+
+    \b
+    Example:
+      trainsup validate job.toml
+    """
+    job = load_job(job_file, overrides)
+    click.echo(f"{job_file}: OK")
+    click.echo(describe_job(job))
+
+
+def describe_job(job: JobConfig) -> str:
+    lc = job.launch
+    n = lc.num_processes if lc.num_processes is not None else ("from config_file" if lc.config_file else 1)
+    where = "cpu" if lc.cpu else "accelerator"
+    r, st, w = job.restart, job.stop, job.watch
+    lines = [
+        f"  script:     {job.train.script} {' '.join(job.train.args)}".rstrip(),
+        f"  launch:     {lc.launcher}, {n} process(es) on {where}, mixed precision {lc.mixed_precision or 'no'}",
+        f"  run dir:    {job.run_dir}",
+        f"  restart:    up to {r.max_restarts}, backoff {r.backoff_initial_s:g}-{r.backoff_max_s:g} s, "
+        f"give up after {r.no_progress_limit or 'unlimited'} attempt(s) without progress",
+        f"  stop:       grace {st.grace_s:g} s, then SIGTERM, SIGKILL after {st.kill_after_s:g} s",
+        f"  hang:       no heartbeat for {w.hang_timeout_s:g} s (first heartbeat within {w.startup_timeout_s:g} s)",
+        f"  retention:  keep_last={job.retention.keep_last} keep_best={job.retention.keep_best} "
+        f"({job.retention.best_mode} {job.retention.best_metric}) keep_every={job.retention.keep_every}",
+    ]
+    for name in job.sections:
+        lines.append(f"  [{name}]:      configured")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- status
+
+
+def resolve_run_dir(target: Path) -> Path:
+    """RUN_DIR or a job file -> the run dir."""
+    if target.is_dir():
+        return target
+    if target.is_file():
+        return load_job(target, check_script=False).run_dir
+    raise UserError(f"{target}: no such run dir or job file; pass a run dir (runs/NAME) or a job.toml")
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def collect_status(run_dir: Path) -> dict[str, Any]:
+    from supervisor.events import read_events
+    from train_core.runfiles import RunPaths, read_json
+    from train_core.store import CheckpointStore
+
+    paths = RunPaths(run_dir)
+    sup = read_json(paths.supervisor) or {}
+    hb = read_json(paths.status) or {}
+    running = sup.get("state") not in (None, "exited", "fatal") and _pid_alive(sup.get("pid"))
+    latest = CheckpointStore(paths.checkpoints).latest_valid()
+    events = read_events(paths.events, last=1)
+    now = time.time()
+    return {
+        "run_dir": str(run_dir),
+        "supervisor_running": running,
+        "supervisor_pid": sup.get("pid"),
+        "state": sup.get("state") if running or sup.get("state") in ("exited", "fatal") else
+        (f"not running (last: {sup.get('state')})" if sup else "never run"),
+        "attempt": sup.get("attempt"),
+        "restarts": sup.get("restarts"),
+        "exit_code": sup.get("exit_code"),
+        "exit_reason": sup.get("exit_reason"),
+        "step": hb.get("step"),
+        "max_steps": hb.get("max_steps"),
+        "loss": hb.get("loss"),
+        "tokens_per_s": hb.get("tokens_per_s"),
+        "rank_state": hb.get("state"),
+        "heartbeat_age_s": round(now - hb["updated_at"], 1) if isinstance(hb.get("updated_at"), (int, float)) else None,
+        "last_checkpoint": {"step": latest.step, "path": str(latest.path), "reason": latest.reason,
+                            "created_at": latest.manifest.get("created_at")} if latest else None,
+        "last_event": events[-1] if events else None,
+        "watchers": sup.get("watchers") or {},
+    }
+
+
+@click.command("status")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status_cmd(target: Path, as_json: bool) -> None:
+    """Show a run: state, attempt, step, loss, tokens/s, last checkpoint, restarts, last event.
+
+    \b
+    Example:
+      trainsup status runs/gpt-tiny
+      trainsup status job.toml --json
+    """
+    st = collect_status(resolve_run_dir(target))
+    if as_json:
+        click.echo(json.dumps(st, indent=1, sort_keys=True))
+        return
+    click.echo(format_status(st))
+
+
+def format_status(st: dict[str, Any]) -> str:
+    sup = (f"running (pid {st['supervisor_pid']})" if st["supervisor_running"] else "not running")
+    state = st["state"]
+    if st.get("exit_code") is not None and not st["supervisor_running"]:
+        state = f"{state} (exit {st['exit_code']}: {st.get('exit_reason')})"
+    step = st.get("step")
+    step_txt = "-" if step is None else (f"{step}/{st['max_steps']}" if st.get("max_steps") else str(step))
+    ck = st.get("last_checkpoint")
+    ev = st.get("last_event")
+    lines = [
+        f"run dir:         {st['run_dir']}",
+        f"supervisor:      {sup}",
+        f"state:           {state}",
+        f"attempt:         {st.get('attempt') or '-'} (restarts: {st.get('restarts') or 0})",
+        f"step:            {step_txt}  loss {_fmt_num(st.get('loss'), '.4f')}  "
+        f"tokens/s {_fmt_num(st.get('tokens_per_s'), ',.0f')}"
+        + (f"  (heartbeat {st['heartbeat_age_s']:g} s ago)" if st.get("heartbeat_age_s") is not None else ""),
+        "last checkpoint: " + (f"step {ck['step']} ({ck['reason']}) {ck['path']}" if ck else "none"),
+    ]
+    if ev:
+        when = dt.datetime.fromtimestamp(ev.get("ts", 0)).strftime("%Y-%m-%d %H:%M:%S")
+        rest = {k: v for k, v in ev.items() if k not in ("ts", "time", "event", "argv")}
+        detail = " ".join(f"{k}={v}" for k, v in rest.items())
+        lines.append(f"last event:      {when} {ev.get('event')} {detail}".rstrip())
+    else:
+        lines.append("last event:      none")
+    for name, ws in (st.get("watchers") or {}).items():
+        lines.append(f"watcher {name}: {json.dumps(ws, sort_keys=True)}")
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""events.jsonl: one JSON object per line saying what the supervisor did and why.
+
+Each record: {"ts": unix seconds, "time": ISO-8601 UTC, "event": name, ...fields}.
+Appends are a single write() of one line to a file opened O_APPEND, then fsync: a crash
+loses at most the line being written, and a reader never sees two records interleaved.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+
+class EventLog:
+    def __init__(self, path: str | os.PathLike, *, durable: bool = True) -> None:
+        self.path = Path(path)
+        self.durable = durable
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.last: dict[str, Any] | None = None
+
+    def append(self, event: str, now: float, **fields: Any) -> dict[str, Any]:
+        record = {
+            "ts": round(now, 3),
+            "time": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "event": event,
+        }
+        record.update({k: v for k, v in fields.items() if v is not None})
+        line = (json.dumps(record, sort_keys=False, default=str) + "\n").encode()
+        os.write(self._fd, line)
+        if self.durable:
+            os.fsync(self._fd)
+        self.last = record
+        return record
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_events(path: str | os.PathLike, last: int | None = None) -> list[dict[str, Any]]:
+    """The records of an events.jsonl (the last `last` ones), skipping a torn final line."""
+    out: deque[dict[str, Any]] = deque(maxlen=last)
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    obj = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                if isinstance(obj, dict):
+                    out.append(obj)
+    except FileNotFoundError:
+        return []
+    return list(out)

@@ -1,0 +1,291 @@
+"""Spawning `accelerate launch` children, and the process plumbing around them.
+
+The one module of the supervisor that starts, signals and reaps processes.
+
+Why it looks like this (facts.md):
+- The child gets its own session (so Ctrl-C on the terminal reaches only the supervisor,
+  which then asks the ranks to save) and default signal dispositions with nothing
+  blocked (a child of a non-interactive shell job would otherwise inherit "ignore SIGINT").
+- The launcher gets PR_SET_PDEATHSIG(SIGTERM): if the supervisor dies, even by SIGKILL,
+  the launcher is told; a multi-rank launcher forwards SIGTERM to every rank (ranks save
+  and exit), a 1-process launcher dies and its rank, which watches
+  TRAINSUP_SUPERVISOR_PID, saves and exits on its own.
+- The supervisor is a child subreaper: ranks orphaned by a dying launcher are re-parented
+  to it, so they stay visible (and killable) as its descendants and are reaped here.
+- The 1-process launcher does not forward SIGUSR1 and the multi-rank one does not either:
+  the save request goes straight to the rank PIDs.
+- Child output goes to logs/attempt-N.log through a file descriptor, never a pipe: ranks
+  keep writing (and saving) if the supervisor dies, with no EPIPE.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import psutil
+
+from supervisor.config import JobConfig
+from train_core import runfiles
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+ENV_CHECKPOINT_INTERVAL_STEPS = "TRAINSUP_CHECKPOINT_INTERVAL_STEPS"
+
+# Reset to SIG_DFL in the child: everything a parent (or a shell job) may have changed.
+_RESET_SIGNALS = tuple(
+    s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+                signal.SIGQUIT, signal.SIGPIPE, signal.SIGCHLD, signal.SIGALRM, signal.SIGTSTP,
+                signal.SIGTTIN, signal.SIGTTOU, signal.SIGXFSZ)
+)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - not Linux
+        return None
+
+
+_LIBC = _libc()
+
+
+def set_child_subreaper() -> bool:
+    """Make this process adopt orphaned descendants (Linux >= 3.4). False when unsupported."""
+    if _LIBC is None or not sys.platform.startswith("linux"):
+        return False
+    if _LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_CHILD_SUBREAPER) failed: %s", os.strerror(ctypes.get_errno()))
+        return False
+    return True
+
+
+def _child_preexec(parent_pid: int) -> None:
+    """Runs in the forked child before exec: only async-signal-safe-ish, allocation-light work."""
+    for sig in _RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the supervisor died between fork and prctl
+        os._exit(1)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    world_size_local: int  # ranks this launcher starts
+
+
+def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supervisor_pid: int,
+                 base_env: Mapping[str, str], port: int | None = None) -> LaunchPlan:
+    """The command line and environment of one attempt (pure apart from its arguments)."""
+    lc = job.launch
+    paths = runfiles.RunPaths(job.run_dir)
+    env = dict(base_env)
+    env.update(job.train.env)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # rank output reaches the attempt log as it happens
+    env[runfiles.ENV_RUN_DIR] = str(job.run_dir)
+    env[runfiles.ENV_CHECKPOINT_DIR] = str(paths.checkpoints)
+    env[runfiles.ENV_ATTEMPT] = str(attempt)
+    env.setdefault(runfiles.ENV_SAVE_SIGNAL, "SIGUSR1")
+    env[runfiles.ENV_SUPERVISOR_PID] = str(supervisor_pid)
+    if job.checkpoint.interval_steps:
+        env[ENV_CHECKPOINT_INTERVAL_STEPS] = str(job.checkpoint.interval_steps)
+    if resume_from is not None:
+        env[runfiles.ENV_RESUME_FROM] = str(resume_from)
+    else:
+        env.pop(runfiles.ENV_RESUME_FROM, None)
+    # The elastic agent SIGKILLs ranks this long after forwarding SIGTERM: keep it above
+    # our own grace + kill window so it never cuts a save short that we would have allowed.
+    shutdown_s = str(int(job.stop.grace_s + job.stop.kill_after_s + 30))
+    env["PET_SHUTDOWN_TIMEOUT"] = shutdown_s
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = shutdown_s
+
+    script = [str(job.train.script), *job.train.args]
+    if lc.launcher == "python":
+        return LaunchPlan((sys.executable, "-u", *script), env, 1)
+
+    argv: list[str] = [sys.executable, "-m", "accelerate.commands.launch"]
+    use_config = lc.config_file is not None
+    if use_config:
+        argv += ["--config_file", str(lc.config_file)]
+    nproc = lc.num_processes if lc.num_processes is not None else (None if use_config else 1)
+    mp = lc.mixed_precision if lc.mixed_precision is not None else (None if use_config else "no")
+    multi = (nproc or 1) > 1 or lc.num_machines > 1
+    if lc.cpu and multi:
+        # facts.md: `--cpu --num_processes 2` silently starts ONE process; this is the recipe
+        # for N CPU ranks that really talk (gloo).
+        env["ACCELERATE_USE_CPU"] = "1"
+        argv += ["--multi_gpu"]
+        mp = "no" if mp is None else mp
+    elif lc.cpu:
+        argv += ["--cpu"]
+    elif multi and not use_config:
+        argv += ["--multi_gpu"]
+    if nproc is not None:
+        argv += ["--num_processes", str(nproc)]
+    if not use_config or lc.num_machines != 1:
+        argv += ["--num_machines", str(lc.num_machines)]
+    if lc.num_machines > 1:
+        argv += ["--machine_rank", str(lc.machine_rank)]
+    if mp is not None:
+        argv += ["--mixed_precision", mp]
+    if not use_config:
+        argv += ["--dynamo_backend", "no"]
+        if lc.cpu:
+            threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // (nproc or 1)))
+            argv += ["--num_cpu_threads_per_process", threads]
+    if lc.main_process_ip:
+        argv += ["--main_process_ip", lc.main_process_ip]
+    if multi:
+        chosen = lc.main_process_port or port
+        if chosen:
+            argv += ["--main_process_port", str(chosen)]
+        # torch elastic prefixes each line with "[rankN]:" when tee'ing (rank prefix in the log)
+        argv += ["--tee", "3", "--role", "rank", "--log_dir", str(paths.logs / f"attempt-{attempt}-ranks")]
+    argv += list(lc.extra_args)
+    argv += script
+    return LaunchPlan(tuple(argv), env, nproc or 1)
+
+
+@dataclass
+class Child:
+    """A running launcher: its pid (= its process group id and session id) and log file."""
+
+    pid: int
+    log_path: Path
+    popen: subprocess.Popen
+    status: int | None = None  # raw wait status once reaped
+
+    @property
+    def exited(self) -> bool:
+        return self.status is not None
+
+
+def spawn(plan: LaunchPlan, log_path: Path, *, cwd: Path | None = None) -> Child:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab", buffering=0) as logf:
+        popen = subprocess.Popen(
+            plan.argv,
+            env=dict(plan.env),
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,  # own session + process group: pid == pgid == sid
+            preexec_fn=lambda parent=os.getpid(): _child_preexec(parent),
+            close_fds=True,
+        )
+    return Child(pid=popen.pid, log_path=log_path, popen=popen)
+
+
+def reap(children: Mapping[int, Child], *, subreaper: bool) -> list[int]:
+    """Collect exit statuses without blocking: of our launchers, and (as a subreaper) of any
+    orphan re-parented to us. Returns the pids reaped."""
+    reaped: list[int] = []
+    if subreaper:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            reaped.append(pid)
+            if pid in children:
+                _record(children[pid], status)
+    else:
+        for child in children.values():
+            if child.exited:
+                continue
+            try:
+                pid, status = os.waitpid(child.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = child.pid, 0
+            if pid:
+                reaped.append(pid)
+                _record(child, status)
+    return reaped
+
+
+def _record(child: Child, status: int) -> None:
+    child.status = status
+    # Keep subprocess.Popen from waiting on a pid we already reaped.
+    child.popen.returncode = os.waitstatus_to_exitcode(status)
+
+
+def descendants() -> list[psutil.Process]:
+    """Every live descendant of this process (orphans adopted as subreaper included)."""
+    try:
+        procs = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    return [p for p in procs if _alive(p)]
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def is_descendant(pid: int) -> bool:
+    me = os.getpid()
+    try:
+        proc = psutil.Process(pid)
+        return any(parent.pid == me for parent in proc.parents())
+    except psutil.Error:
+        return False
+
+
+def send(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError as e:  # pragma: no cover
+        log.warning("cannot signal pid %d: %s", pid, e)
+        return False
+
+
+def send_group(pgid: int, sig: int) -> bool:
+    if pgid <= 1 or pgid == os.getpgrp():
+        return False  # never our own group (or init's)
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError as e:  # pragma: no cover
+        if e.errno != errno.EPERM:
+            raise
+        return False
+
+
+def process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None

@@ -1,0 +1,800 @@
+"""The supervisor's main loop: one run dir, a sequence of attempts, an explicit state machine.
+
+    STARTING --first heartbeat--> RUNNING
+    STARTING/RUNNING --stop request / hang / orphaned ranks--> STOPPING
+    STARTING/RUNNING/STOPPING --attempt over--> BACKOFF | WAITING | EXITED | FATAL
+    BACKOFF --delay over--> STARTING | WAITING (a watcher blocks the start)
+    WAITING --no watcher blocks--> STARTING
+    BACKOFF/WAITING --stop request--> EXITED
+
+Each transition is one log line and one events.jsonl record with its cause.
+
+Signal handlers only enqueue (and wake the loop through signal.set_wakeup_fd); the loop
+drains the queue, polls the children, the heartbeat, the checkpoints and the watchers,
+and acts. Nothing here sleeps except the loop's own select().
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import os
+import random
+import select
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import filelock
+
+from supervisor import launch as L
+from supervisor.config import JobConfig
+from supervisor.errors import EXIT_GAVE_UP, EXIT_INTERNAL, EXIT_OK, LockedError
+from supervisor.events import EventLog
+from supervisor.policy import (
+    AttemptResult,
+    ExitKind,
+    LauncherStatus,
+    RestartState,
+    Verdict,
+    after_exit,
+    choose_resume,
+    classify_exit,
+    exit_code_for_stop,
+)
+from supervisor.watch import Action, Watcher
+from train_core import runfiles
+from train_core.retention import Entry, plan_retention
+from train_core.store import Checkpoint, CheckpointStore, StoreError
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+LOCK_PID_SUFFIX = ".pid"
+
+
+class State(enum.Enum):
+    STARTING = "starting"  # launcher spawned, no heartbeat of this attempt yet
+    RUNNING = "running"  # heartbeats arriving
+    STOPPING = "stopping"  # save requested (or hung): waiting for exits, escalating
+    BACKOFF = "backoff"  # waiting before the next attempt
+    WAITING = "waiting"  # a watcher blocks the next attempt (too hot, on battery, ...)
+    EXITED = "exited"  # done: finished, or stopped on request
+    FATAL = "fatal"  # gave up
+
+    @property
+    def terminal(self) -> bool:
+        return self in (State.EXITED, State.FATAL)
+
+
+_ALLOWED: dict[State | None, frozenset[State]] = {
+    None: frozenset({State.STARTING, State.WAITING, State.EXITED}),
+    State.STARTING: frozenset({State.RUNNING, State.STOPPING, State.BACKOFF, State.WAITING, State.EXITED, State.FATAL}),
+    State.RUNNING: frozenset({State.STOPPING, State.BACKOFF, State.WAITING, State.EXITED, State.FATAL}),
+    State.STOPPING: frozenset({State.BACKOFF, State.WAITING, State.EXITED, State.FATAL}),
+    State.BACKOFF: frozenset({State.STARTING, State.WAITING, State.EXITED}),
+    State.WAITING: frozenset({State.STARTING, State.EXITED}),
+    State.EXITED: frozenset(),
+    State.FATAL: frozenset(),
+}
+
+
+class TransitionError(RuntimeError):
+    pass
+
+
+class Reporter(Protocol):
+    """Where the CLI shows what happens (logging covers transitions; this covers the rest)."""
+
+    def child_output(self, line: str) -> None: ...
+
+    def progress(self, snapshot: dict[str, Any]) -> None: ...
+
+
+class NullReporter:
+    def child_output(self, line: str) -> None:
+        pass
+
+    def progress(self, snapshot: dict[str, Any]) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- watchers
+
+# The lead registers one factory per watcher kind: factory(job) -> Watcher, or None when the
+# job does not want it (e.g. lambda job: PowerWatcher.from_config(job.sections["power"])).
+WATCHER_FACTORIES: list[Callable[[JobConfig], Watcher | None]] = []
+
+
+def build_watchers(job: JobConfig) -> list[Watcher]:
+    out = []
+    for factory in WATCHER_FACTORIES:
+        w = factory(job)
+        if w is not None:
+            out.append(w)
+    return out
+
+
+# --------------------------------------------------------------------------- lock
+
+
+def acquire_run_lock(run_dir: Path) -> filelock.BaseFileLock:
+    """One supervisor per run dir; LockedError (exit 4) names the PID holding it."""
+    paths = runfiles.RunPaths(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(paths.lock), timeout=0)
+    pid_file = Path(str(paths.lock) + LOCK_PID_SUFFIX)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        holder = "unknown pid"
+        try:
+            holder = f"pid {int(pid_file.read_text().strip())}"
+        except (OSError, ValueError):
+            pass
+        raise LockedError(f"run dir {run_dir} is locked by another supervisor ({holder}); "
+                          "stop it first (trainsup status shows it) or use another --run-dir") from None
+    tmp = pid_file.with_name(pid_file.name + ".tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, pid_file)
+    return lock
+
+
+# --------------------------------------------------------------------------- attempt
+
+
+@dataclass
+class Attempt:
+    number: int
+    child: L.Child
+    plan: L.LaunchPlan
+    started_at: float
+    resume: Checkpoint | None
+    newest_at_start: int  # newest valid step when it started (-1: none)
+    heartbeat_seen_at: float | None = None
+    heartbeat_stamp: Any = None
+    heartbeat: dict[str, Any] | None = None
+    max_step: int = -1
+    stop_requested_at: float | None = None
+    stop_cause: str = ""
+    newest_at_stop: int = -1
+    grace_deadline: float | None = None
+    term_sent_at: float | None = None
+    kill_sent_at: float | None = None
+    hung: bool = False
+    signalled: set[int] = field(default_factory=set)
+    rank_pids: dict[int, int] = field(default_factory=dict)
+    log_offset: int = 0
+    log_partial: bytes = b""
+    launcher_exit_logged: bool = False
+
+
+# --------------------------------------------------------------------------- runner
+
+
+class Runner:
+    def __init__(
+        self,
+        job: JobConfig,
+        *,
+        watchers: Sequence[Watcher] = (),
+        reporter: Reporter | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        subreaper: bool = False,
+        install_signals: bool = True,
+    ) -> None:
+        self.job = job
+        self.paths = runfiles.RunPaths(job.run_dir)
+        self.store = CheckpointStore(self.paths.checkpoints)
+        self.watchers = list(watchers)
+        self.reporter = reporter or NullReporter()
+        self.clock = clock
+        self.rand = rand
+        self.subreaper = subreaper
+        self.install_signals = install_signals
+
+        self.state: State | None = None
+        self.attempt: Attempt | None = None
+        self.attempts = 0
+        self.restart_state = RestartState()
+        self.excluded_steps: set[int] = set()  # checkpoints that failed to load
+        self.exit_code: int | None = None
+        self.exit_reason = ""
+        self.user_stop: int | None = None  # the signal of the user's stop request
+        self.stop_now = False
+        self.watcher_stop: str | None = None
+        self.paused_by: set[str] = set()
+        self.control = runfiles.Control()
+        self.backoff_until = 0.0
+        self.blocked_reason: str | None = None
+        self.checkpoints: list[Checkpoint] = []
+        self.newest_step = -1
+        self._ckpt_stamp: Any = None
+        self._last_save_request = 0.0
+        self._last_supervisor_json = 0.0
+        self._pending: collections.deque[int] = collections.deque()
+        self._wake_r = self._wake_w = -1
+        self._old_handlers: dict[int, Any] = {}
+        self.events: EventLog | None = None
+        self.started_at = clock()
+
+    # -- public ---------------------------------------------------------------
+    def enqueue_signal(self, signum: int) -> None:
+        """What a signal handler does (and what tests call): enqueue, nothing else."""
+        self._pending.append(signum)
+
+    def run(self) -> int:
+        lock = acquire_run_lock(self.job.run_dir)
+        try:
+            self._setup()
+            try:
+                now = self.clock()
+                self.events.append("supervisor_start", now, pid=os.getpid(), job=str(self.job.job_file or ""),
+                                   run_dir=str(self.job.run_dir))
+                self._refresh_checkpoints(now, force=True)
+                self._next_attempt(now)
+                while not self.state.terminal:
+                    self._tick(self.clock())
+                    if not self.state.terminal:
+                        self._wait(self.job.watch.poll_interval_s)
+            except BaseException as e:
+                log.exception("supervisor failed: %s", e)
+                if self.exit_code is None:
+                    self.exit_code = EXIT_INTERNAL
+                    self.exit_reason = f"internal error: {type(e).__name__}: {e}"
+                raise
+            finally:
+                self._teardown()
+            return self.exit_code if self.exit_code is not None else EXIT_INTERNAL
+        finally:
+            lock.release()
+
+    # -- setup / teardown -----------------------------------------------------
+    def _setup(self) -> None:
+        for d in (self.paths.logs, self.paths.ranks, self.paths.checkpoints):
+            d.mkdir(parents=True, exist_ok=True)
+        self.events = EventLog(self.paths.events)
+        for p in self.store.remove_stale_tmp():
+            log.info("removed stale uncommitted save %s", p.name)
+        if self.install_signals:
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+            signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+            for sig in STOP_SIGNALS:
+                self._old_handlers[sig] = signal.signal(sig, lambda s, f: self._pending.append(s))
+            # SIGCHLD only wakes the loop (the default disposition is "ignore" without waking)
+            self._old_handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda s, f: None)
+
+    def _teardown(self) -> None:
+        now = self.clock()
+        left = L.descendants()
+        if left:
+            # Whatever happened above, no process of the run outlives the supervisor.
+            log.warning("killing %d leftover process(es) of the run", len(left))
+            for p in left:
+                try:
+                    p.kill()
+                except Exception:  # noqa: BLE001
+                    pass
+            deadline = time.time() + 5
+            while L.descendants() and time.time() < deadline:
+                L.reap(self._children(), subreaper=self.subreaper)
+                time.sleep(0.05)
+        L.reap(self._children(), subreaper=self.subreaper)
+        for w in self.watchers:
+            try:
+                w.close()
+            except Exception:  # noqa: BLE001
+                log.exception("watcher %s failed to close", getattr(w, "name", w))
+        if self.events is not None:
+            self.events.append("supervisor_exit", now, exit_code=self.exit_code, reason=self.exit_reason)
+        self._write_supervisor_json(now, force=True)
+        if self.events is not None:
+            self.events.close()
+        if self.install_signals:
+            for sig, old in self._old_handlers.items():
+                signal.signal(sig, old)
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _children(self) -> dict[int, L.Child]:
+        return {self.attempt.child.pid: self.attempt.child} if self.attempt else {}
+
+    def _wait(self, timeout_s: float) -> None:
+        if self._pending:
+            return
+        if self._wake_r < 0:
+            time.sleep(timeout_s)
+            return
+        ready, _, _ = select.select([self._wake_r], [], [], timeout_s)
+        if ready:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+
+    # -- transitions ----------------------------------------------------------
+    def _transition(self, new: State, now: float, cause: str, **fields: Any) -> None:
+        old = self.state
+        if new not in _ALLOWED[old]:
+            raise TransitionError(f"illegal transition {old} -> {new} ({cause})")
+        self.state = new
+        attempt = self.attempt.number if self.attempt else None
+        log.info("%s -> %s: %s", old.value if old else "init", new.value, cause)
+        self.events.append("state", now, **{"from": old.value if old else None}, to=new.value, cause=cause,
+                           attempt=attempt, **fields)
+        self._write_supervisor_json(now, force=True)
+
+    def _finish(self, now: float, state: State, code: int, reason: str) -> None:
+        self.exit_code = code
+        self.exit_reason = reason
+        self._transition(state, now, reason, exit_code=code)
+
+    # -- the loop ---------------------------------------------------------------
+    def _tick(self, now: float) -> None:
+        self._handle_signals(now)
+        if self.state.terminal:
+            return
+        L.reap(self._children(), subreaper=self.subreaper)
+        self._read_heartbeat(now)
+        self._refresh_checkpoints(now)
+        self._poll_watchers(now)
+        self._echo_output()
+        handler = {
+            State.STARTING: self._tick_active,
+            State.RUNNING: self._tick_active,
+            State.STOPPING: self._tick_stopping,
+            State.BACKOFF: self._tick_backoff,
+            State.WAITING: self._tick_waiting,
+        }[self.state]
+        handler(now)
+        if not self.state.terminal:
+            self._write_supervisor_json(now)
+            self.reporter.progress(self.snapshot(now))
+
+    def _handle_signals(self, now: float) -> None:
+        while self._pending:
+            sig = self._pending.popleft()
+            if sig not in STOP_SIGNALS:
+                continue
+            name = signal.Signals(sig).name
+            if self.user_stop is None:
+                self.user_stop = sig
+                self.events.append("stop_requested", now, signal=name)
+                log.info("received %s: asking the ranks to save and stop", name)
+                if self.state in (State.STARTING, State.RUNNING):
+                    self._request_stop(now, f"{name} received: save and stop")
+                elif self.state == State.STOPPING:
+                    self.attempt.stop_cause = f"{name} received while stopping"
+                elif self.state in (State.BACKOFF, State.WAITING):
+                    has = self.newest_step >= 0
+                    self._finish(now, State.EXITED, exit_code_for_stop(has, sig),
+                                 f"{name} received with no attempt running"
+                                 + (f"; newest checkpoint step {self.newest_step}" if has else ""))
+                    return
+            elif not self.stop_now and self.state in (State.STARTING, State.RUNNING, State.STOPPING):
+                self.stop_now = True
+                self.events.append("stop_now", now, signal=name)
+                log.warning("second %s: killing the run now", name)
+                if self.state != State.STOPPING:
+                    self._request_stop(now, f"second {name}: stop now")
+                self._escalate(now, signal.SIGKILL)
+
+    # -- heartbeat, checkpoints, watchers ----------------------------------------
+    def _read_heartbeat(self, now: float) -> None:
+        a = self.attempt
+        if a is None or self.state not in (State.STARTING, State.RUNNING, State.STOPPING):
+            return
+        st = runfiles.read_json(self.paths.status)
+        if not st or st.get("attempt") != a.number:
+            return
+        stamp = (st.get("updated_at"), st.get("step"), st.get("state"))
+        if stamp != a.heartbeat_stamp:
+            a.heartbeat_stamp = stamp
+            a.heartbeat_seen_at = now
+            a.heartbeat = st
+            step = st.get("step")
+            if isinstance(step, int):
+                a.max_step = max(a.max_step, step)
+        if self.state == State.STARTING:
+            self._transition(State.RUNNING, now, f"first heartbeat (step {st.get('step')})")
+
+    def _refresh_checkpoints(self, now: float, force: bool = False) -> None:
+        try:
+            st = os.stat(self.paths.checkpoints)
+            stamp = (st.st_mtime_ns, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if not force and stamp == self._ckpt_stamp:
+            return
+        self._ckpt_stamp = stamp
+        try:
+            self.checkpoints = self.store.scan()
+        except StoreError as e:
+            log.error("cannot read checkpoints: %s", e)
+            return
+        newest = max((c.step for c in self.checkpoints if c.valid), default=-1)
+        if newest > self.newest_step and not force:
+            ck = next(c for c in self.checkpoints if c.step == newest)
+            self.events.append("checkpoint", now, step=newest, reason=ck.reason, path=str(ck.path),
+                               attempt=self.attempt.number if self.attempt else None)
+            log.info("checkpoint committed: step %d (%s)", newest, ck.reason)
+            self._last_save_request = now
+            if self.attempt is not None:
+                self.attempt.max_step = max(self.attempt.max_step, newest)
+            for w in self.watchers:
+                try:
+                    w.on_checkpoint(newest, now)
+                except Exception:  # noqa: BLE001
+                    log.exception("watcher %s failed in on_checkpoint", w.name)
+            self.newest_step = newest
+            self._prune(now)
+        self.newest_step = newest
+
+    def _prune(self, now: float) -> None:
+        protected = set()
+        if self.attempt is not None and self.attempt.resume is not None:
+            protected.add(self.attempt.resume.step)
+        entries = [Entry(c.step, c.valid, c.metrics, c.reason or "") for c in self.checkpoints]
+        plan = plan_retention(self.job.retention, entries, protected=protected)
+        if not plan.delete:
+            return
+        by_step = {c.step: c for c in self.checkpoints}
+        deleted = []
+        for step in plan.delete:
+            try:
+                self.store.remove(by_step[step])
+                deleted.append(step)
+            except (StoreError, OSError) as e:
+                log.warning("could not prune step %d: %s", step, e)
+        if deleted:
+            self.events.append("prune", now, deleted=deleted, kept=sorted(plan.keep))
+            log.info("retention: removed step(s) %s", ", ".join(map(str, deleted)))
+            self.checkpoints = [c for c in self.checkpoints if c.step not in deleted]
+            try:
+                st = os.stat(self.paths.checkpoints)
+                self._ckpt_stamp = (st.st_mtime_ns, st.st_ino)
+            except FileNotFoundError:
+                pass
+
+    def _poll_watchers(self, now: float) -> None:
+        for w in self.watchers:
+            try:
+                decisions = w.poll(now)
+            except Exception as e:  # noqa: BLE001
+                log.exception("watcher %s failed", w.name)
+                self.events.append("watcher_error", now, watcher=w.name, error=f"{type(e).__name__}: {e}")
+                continue
+            for d in decisions:
+                self._act(w.name, d, now)
+
+    def _act(self, name: str, d: Any, now: float) -> None:
+        self.events.append(d.event, now, watcher=name, action=d.action.value, reason=d.reason,
+                           details=dict(d.details) or None)
+        log.info("%s: %s (%s)", name, d.reason, d.action.value)
+        active = self.state in (State.STARTING, State.RUNNING)
+        if d.action is Action.PAUSE:
+            self.paused_by.add(name)
+            self._set_control(pause=True, reason=d.reason)
+        elif d.action is Action.RESUME:
+            self.paused_by.discard(name)
+            if not self.paused_by:
+                self._set_control(pause=False, reason=d.reason)
+                if self.attempt is not None:
+                    self.attempt.heartbeat_seen_at = now  # the hang clock restarts after a pause
+        elif d.action is Action.SAVE:
+            self._set_control(save_seq=self.control.save_seq + 1, reason=d.reason)
+        elif d.action is Action.STOP:
+            if active:
+                self.watcher_stop = f"{name}: {d.reason}"
+                self._request_stop(now, f"{name}: {d.reason}")
+
+    def _set_control(self, **changes: Any) -> None:
+        self.control = replace(self.control, **changes)
+        runfiles.write_control(self.paths.control, self.control)
+
+    def _blocking(self, now: float) -> str | None:
+        for w in self.watchers:
+            try:
+                reason = w.blocking_reason(now)
+            except Exception:  # noqa: BLE001
+                log.exception("watcher %s failed in blocking_reason", w.name)
+                continue
+            if reason:
+                return f"{w.name}: {reason}"
+        return None
+
+    # -- attempts ---------------------------------------------------------------
+    def _next_attempt(self, now: float) -> None:
+        reason = self._blocking(now)
+        if reason is not None:
+            if self.state != State.WAITING:
+                self.blocked_reason = reason
+                self._transition(State.WAITING, now, f"not starting: {reason}")
+            elif reason != self.blocked_reason:
+                self.blocked_reason = reason
+                self.events.append("waiting", now, reason=reason)
+            return
+        self.blocked_reason = None
+        self._start_attempt(now)
+
+    def _start_attempt(self, now: float) -> None:
+        self._refresh_checkpoints(now, force=True)
+        step = choose_resume(((c.step, c.valid) for c in self.checkpoints), self.excluded_steps)
+        resume = next((c for c in self.checkpoints if c.step == step), None) if step is not None else None
+        for p in self.paths.ranks.glob("*.json"):
+            p.unlink(missing_ok=True)
+        self.watcher_stop = None
+        self._set_control(stop=False, pause=bool(self.paused_by), reason="attempt start")
+        self.attempts += 1
+        number = self.attempts
+        plan = L.build_launch(self.job, attempt=number, resume_from=resume.path if resume else None,
+                              supervisor_pid=os.getpid(), base_env=os.environ,
+                              port=L.free_port() if self._multi() else None)
+        log_path = self.paths.logs / f"attempt-{number}.log"
+        child = L.spawn(plan, log_path, cwd=self.job.job_file.parent if self.job.job_file else None)
+        self.attempt = Attempt(number=number, child=child, plan=plan, started_at=now, resume=resume,
+                               newest_at_start=self.newest_step, log_offset=_size(log_path))
+        self._transition(State.STARTING, now,
+                         f"attempt {number}: " + (f"resuming from {resume.path.name}" if resume else "fresh start"),
+                         pid=child.pid, resume_from=str(resume.path) if resume else None,
+                         log=str(log_path), argv=list(plan.argv))
+
+    def _multi(self) -> bool:
+        lc = self.job.launch
+        return lc.launcher == "accelerate" and ((lc.num_processes or 1) > 1 or lc.num_machines > 1)
+
+    def _rank_files(self, a: Attempt) -> dict[int, int]:
+        for p in self.paths.ranks.glob("rank-*.json"):
+            info = runfiles.read_json(p)
+            if info and info.get("attempt") == a.number and isinstance(info.get("pid"), int):
+                a.rank_pids[int(info.get("rank", -1))] = info["pid"]
+        return a.rank_pids
+
+    def _exit_reports(self, a: Attempt) -> list[dict[str, Any]]:
+        out = []
+        for p in sorted(self.paths.ranks.glob("exit-*.json")):
+            info = runfiles.read_json(p)
+            if info and info.get("attempt") == a.number:
+                out.append(info)
+        return out
+
+    def _save_signal(self, a: Attempt) -> int:
+        name = a.plan.env.get(runfiles.ENV_SAVE_SIGNAL, "SIGUSR1")
+        try:
+            return int(signal.Signals[name])
+        except KeyError:
+            return int(signal.SIGUSR1)
+
+    def _signal_ranks(self, a: Attempt) -> None:
+        sig = self._save_signal(a)
+        for rank, pid in sorted(self._rank_files(a).items()):
+            if pid in a.signalled:
+                continue
+            a.signalled.add(pid)
+            if not L.is_descendant(pid):
+                log.warning("rank %d pid %d is not a process of this run: not signalled", rank, pid)
+                continue
+            if L.send(pid, sig):
+                log.info("sent %s to rank %d (pid %d)", signal.Signals(sig).name, rank, pid)
+
+    def _request_stop(self, now: float, cause: str, *, hung: bool = False) -> None:
+        a = self.attempt
+        a.stop_requested_at = now
+        a.stop_cause = cause
+        a.newest_at_stop = self.newest_step
+        a.hung = a.hung or hung
+        a.grace_deadline = now if hung else now + self.job.stop.grace_s
+        self._set_control(stop=True, reason=cause)
+        self._signal_ranks(a)
+        if self.state != State.STOPPING:
+            self._transition(State.STOPPING, now, cause, grace_s=0 if hung else self.job.stop.grace_s)
+
+    def _groups(self, a: Attempt) -> set[int]:
+        groups = {a.child.pid}  # the launcher's session/group (1-process ranks live in it)
+        for pid in self._rank_files(a).values():
+            g = L.process_group(pid)
+            if g is not None:
+                groups.add(g)
+        return groups
+
+    def _escalate(self, now: float, sig: int) -> None:
+        a = self.attempt
+        if a is None:
+            return
+        groups = sorted(self._groups(a))
+        for g in groups:
+            L.send_group(g, sig)
+        if sig == signal.SIGKILL:
+            for p in L.descendants():
+                try:
+                    p.kill()
+                except Exception:  # noqa: BLE001
+                    pass
+            a.kill_sent_at = now
+        else:
+            a.term_sent_at = now
+        self.events.append("escalate", now, signal=signal.Signals(sig).name, groups=groups, attempt=a.number)
+        log.warning("sent %s to process group(s) %s", signal.Signals(sig).name, groups)
+
+    def _attempt_over(self, a: Attempt) -> bool:
+        return a.child.exited and not L.descendants()
+
+    def _tick_active(self, now: float) -> None:
+        a = self.attempt
+        if a.child.exited:
+            if self._attempt_over(a):
+                self._conclude(now)
+                return
+            # 1-process launcher died, its rank still runs (orphaned, adopted by us): stop it cleanly.
+            status = LauncherStatus.from_wait_status(a.child.status)
+            self._request_stop(now, f"launcher {status.describe()} while ranks still run: asking them to save")
+            return
+        self._rank_files(a)
+        paused = self.control.pause or (a.heartbeat or {}).get("state") == "paused"
+        if self.state == State.STARTING:
+            if now - a.started_at > self.job.watch.startup_timeout_s:
+                self.events.append("hung", now, attempt=a.number,
+                                   reason=f"no heartbeat within startup_timeout_s={self.job.watch.startup_timeout_s:g}")
+                self._request_stop(now, f"no heartbeat {self.job.watch.startup_timeout_s:g} s after launch: hung",
+                                   hung=True)
+            return
+        silent_s = now - (a.heartbeat_seen_at or a.started_at)
+        if not paused and silent_s > self.job.watch.hang_timeout_s:
+            self.events.append("hung", now, attempt=a.number, step=a.max_step,
+                               reason=f"no heartbeat for {silent_s:.1f} s (hang_timeout_s={self.job.watch.hang_timeout_s:g})")
+            self._request_stop(now, f"no heartbeat for {silent_s:.0f} s at step {a.max_step}: hung", hung=True)
+            return
+        iv = self.job.checkpoint.interval_s
+        if iv and self.state == State.RUNNING and now - max(self._last_save_request, a.started_at) >= iv:
+            self._last_save_request = now
+            self._set_control(save_seq=self.control.save_seq + 1, reason=f"interval_s={iv:g}")
+            self.events.append("save_requested", now, cause=f"interval_s={iv:g}", save_seq=self.control.save_seq)
+
+    def _tick_stopping(self, now: float) -> None:
+        a = self.attempt
+        if self._attempt_over(a):
+            self._conclude(now)
+            return
+        self._signal_ranks(a)  # ranks that registered after the request
+        if a.kill_sent_at is not None:
+            if now - a.kill_sent_at > 1.0:
+                self._escalate(now, signal.SIGKILL)  # a rank that forked since; keep going
+            return
+        if a.term_sent_at is None and now >= a.grace_deadline:
+            self._escalate(now, signal.SIGTERM)
+        elif a.term_sent_at is not None and now - a.term_sent_at >= self.job.stop.kill_after_s:
+            self._escalate(now, signal.SIGKILL)
+
+    def _conclude(self, now: float) -> None:
+        a = self.attempt
+        self._refresh_checkpoints(now)
+        self._echo_output(final=True)
+        status = LauncherStatus.from_wait_status(a.child.status)
+        reports = self._exit_reports(a)
+        killed = a.term_sent_at is not None or a.kill_sent_at is not None
+        c = classify_exit(reports, status, expected_ranks=a.plan.world_size_local, hung=a.hung,
+                          killed_by_supervisor=killed)
+        new_ckpt = self.newest_step > a.newest_at_start
+        self.events.append("attempt_exit", now, attempt=a.number, kind=c.kind.value, detail=c.detail,
+                           launcher=status.describe(), step=a.max_step, newest_checkpoint=self.newest_step,
+                           ranks_reported=len(reports), duration_s=round(now - a.started_at, 3))
+        log.info("attempt %d ended: %s (%s)", a.number, c.kind.value, c.detail)
+        if c.kind is ExitKind.RESUME_FAILED and a.resume is not None:
+            self.excluded_steps.add(a.resume.step)
+            self.events.append("resume_fallback", now, failed=str(a.resume.path),
+                               reason=f"falling back to an older checkpoint: {c.detail}")
+        if self.user_stop is not None:
+            saved = self.newest_step > a.newest_at_stop or (c.kind is ExitKind.SAVED and self.newest_step >= 0)
+            name = signal.Signals(self.user_stop).name
+            how = f"checkpoint step {self.newest_step} committed" if saved else "no new checkpoint"
+            self._finish(now, State.EXITED, exit_code_for_stop(saved, self.user_stop),
+                         f"stopped on {name}: {how} ({c.kind.value})")
+            return
+        result = AttemptResult(c.kind, c.detail, new_ckpt, a.max_step)
+        self.restart_state, decision = after_exit(self.job.restart, self.restart_state, result, now, self.rand())
+        if decision.verdict is Verdict.DONE:
+            self._finish(now, State.EXITED, EXIT_OK, f"training finished at step {a.max_step}")
+        elif decision.verdict is Verdict.GIVE_UP:
+            self._finish(now, State.FATAL, EXIT_GAVE_UP, f"gave up: {decision.reason}")
+        else:
+            self.backoff_until = now + decision.delay_s
+            self._transition(State.BACKOFF, now, f"restart in {decision.delay_s:.1f} s after {decision.reason}",
+                             delay_s=round(decision.delay_s, 3), kind=c.kind.value,
+                             restarts=len(self.restart_state.restart_times))
+
+    def _tick_backoff(self, now: float) -> None:
+        if now >= self.backoff_until:
+            self._next_attempt(now)
+
+    def _tick_waiting(self, now: float) -> None:
+        self._next_attempt(now)
+
+    # -- output -----------------------------------------------------------------
+    def _echo_output(self, final: bool = False) -> None:
+        a = self.attempt
+        if a is None:
+            return
+        try:
+            with open(a.child.log_path, "rb") as f:
+                f.seek(a.log_offset)
+                data = f.read(1 << 20)
+        except FileNotFoundError:
+            return
+        if not data and not (final and a.log_partial):
+            return
+        a.log_offset += len(data)
+        data = a.log_partial + data
+        lines = data.split(b"\n")
+        a.log_partial = lines.pop()
+        if final and a.log_partial:
+            lines.append(a.log_partial)
+            a.log_partial = b""
+        prefix = "[rank0]:" if a.plan.world_size_local == 1 else ""
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip("\r")
+            self.reporter.child_output(line if line.startswith("[rank") else prefix + line)
+
+    # -- state for humans and `trainsup status` ------------------------------------
+    def snapshot(self, now: float) -> dict[str, Any]:
+        a = self.attempt
+        hb = (a.heartbeat if a else None) or {}
+        newest = next((c for c in reversed(self.checkpoints) if c.valid), None)
+        return {
+            "state": self.state.value if self.state else None,
+            "pid": os.getpid(),
+            "attempt": self.attempts,
+            "restarts": max(0, self.attempts - 1),
+            "started_at": self.started_at,
+            "updated_at": now,
+            "job_file": str(self.job.job_file) if self.job.job_file else None,
+            "run_dir": str(self.job.run_dir),
+            "child_pid": a.child.pid if a and not a.child.exited else None,
+            "rank_pids": {str(k): v for k, v in a.rank_pids.items()} if a else {},
+            "resume_from": str(a.resume.path) if a and a.resume else None,
+            "step": hb.get("step"),
+            "max_steps": hb.get("max_steps"),
+            "loss": hb.get("loss"),
+            "tokens_per_s": hb.get("tokens_per_s"),
+            "rank_state": hb.get("state"),
+            "heartbeat_age_s": round(now - a.heartbeat_seen_at, 1) if a and a.heartbeat_seen_at else None,
+            "last_checkpoint": {"step": newest.step, "path": str(newest.path), "reason": newest.reason}
+            if newest else None,
+            "backoff_until": self.backoff_until if self.state == State.BACKOFF else None,
+            "blocked_by": self.blocked_reason if self.state == State.WAITING else None,
+            "paused_by": sorted(self.paused_by),
+            "exit_code": self.exit_code,
+            "exit_reason": self.exit_reason or None,
+            "last_event": self.events.last if self.events else None,
+            "watchers": {w.name: _safe_status(w) for w in self.watchers},
+        }
+
+    def _write_supervisor_json(self, now: float, force: bool = False) -> None:
+        if not force and now - self._last_supervisor_json < 1.0:
+            return
+        self._last_supervisor_json = now
+        try:
+            runfiles.write_json_atomic(self.paths.supervisor, self.snapshot(now), durable=False)
+        except (OSError, ValueError) as e:
+            log.warning("cannot write supervisor.json: %s", e)
+
+
+def _safe_status(w: Watcher) -> dict[str, Any]:
+    try:
+        return dict(w.status())
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
