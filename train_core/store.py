@@ -10,6 +10,9 @@ A directory named `step-N` exists only after step 4, and is valid only while its
 manifest parses and lists files that are all there with the right size (quick check)
 and hash (full check). A kill at any point leaves either no `step-N` or a valid one;
 the leftover `.tmp-*` is removed by the next start.
+
+Every invalid checkpoint carries a one-line `problem` for people and a stable `code`
+(one of PROBLEM_CODES) for programs and `--json`.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +43,29 @@ _TMP_RE = re.compile(r"^\.tmp-(?:del-)?step-(\d+)-(\d+)$")
 _HASH_CHUNK = 8 << 20
 _REQUIRED = ("format", "step", "epoch", "batch_in_epoch", "created_at", "files")
 
+# Stable machine-readable kinds of `Checkpoint.problem` (shown by `--json` as "problem_code").
+MISSING_MANIFEST = "missing_manifest"
+UNREADABLE_MANIFEST = "unreadable_manifest"
+UNKNOWN_FORMAT = "unknown_format"
+NEWER_FORMAT = "newer_format"
+BAD_MANIFEST = "bad_manifest"  # parses, but a required key is missing or has the wrong type
+STEP_MISMATCH = "step_mismatch"
+PATH_OUTSIDE = "path_outside"
+MISSING_FILE = "missing_file"
+UNREADABLE_FILE = "unreadable_file"
+NOT_A_FILE = "not_a_file"  # a listed path that is a directory, a symlink, a device ...
+SIZE_MISMATCH = "size_mismatch"
+HASH_MISMATCH = "hash_mismatch"  # full check only
+DUPLICATE_STEP = "duplicate_step"
+SYMLINK = "symlink"  # the step-N entry itself is a symlink
+NOT_A_DIRECTORY = "not_a_directory"
+BAD_NAME = "bad_name"
+PROBLEM_CODES = (
+    MISSING_MANIFEST, UNREADABLE_MANIFEST, UNKNOWN_FORMAT, NEWER_FORMAT, BAD_MANIFEST, STEP_MISMATCH,
+    PATH_OUTSIDE, MISSING_FILE, UNREADABLE_FILE, NOT_A_FILE, SIZE_MISMATCH, HASH_MISMATCH,
+    DUPLICATE_STEP, SYMLINK, NOT_A_DIRECTORY, BAD_NAME,
+)
+
 
 class StoreError(Exception):
     """A problem with the checkpoints directory itself; the message says how to fix it."""
@@ -48,46 +76,77 @@ def step_dir_name(step: int) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    return _hash_file(Path(path))[1]
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    """(bytes read, sha256 hex) of `path`, read into one reused buffer (no per-chunk allocation)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    size = 0
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])  # hashlib releases the GIL for large updates
+            size += n
+    return size, h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One `step-N` directory as found on disk; `problem` is None when it is valid."""
+    """One `step-N` directory as found on disk; `problem` is None when it is valid.
+
+    `code` is the machine-readable kind of the problem (one of PROBLEM_CODES), None when valid.
+    """
 
     path: Path
     step: int
     manifest: Mapping[str, Any] | None = None
     problem: str | None = None
     checked_hashes: bool = False
+    code: str | None = None
 
     @property
     def valid(self) -> bool:
         return self.problem is None
 
     def _get(self, key: str, default: Any = None) -> Any:
-        return (self.manifest or {}).get(key, default)
+        manifest = self.manifest if isinstance(self.manifest, Mapping) else {}
+        return manifest.get(key, default)
 
     @property
     def epoch(self) -> int | None:
-        return self._get("epoch")
+        value = self._get("epoch")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     @property
     def batch_in_epoch(self) -> int | None:
-        return self._get("batch_in_epoch")
+        value = self._get("batch_in_epoch")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     @property
     def reason(self) -> str | None:
-        return self._get("reason")
+        value = self._get("reason")
+        return value if isinstance(value, str) else None
 
     @property
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float | None]:
+        """Metric name -> value; a metric that was NaN/inf when saved reads back as None."""
         metrics = self._get("metrics") or {}
-        return dict(metrics) if isinstance(metrics, Mapping) else {}
+        if not isinstance(metrics, Mapping):
+            return {}
+        return {
+            str(k): (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None)
+            for k, v in metrics.items()
+        }
 
     @property
     def created_at(self) -> dt.datetime | None:
@@ -98,73 +157,87 @@ class Checkpoint:
 
     @property
     def size_bytes(self) -> int:
+        """Bytes on disk as the manifest lists them, manifest included; 0 when unknown."""
         files = self._get("files") or []
         try:
-            return sum(int(f["size"]) for f in files) + (self.path / MANIFEST).stat().st_size
+            return sum(int(f["size"]) for f in files) + (self.path / MANIFEST).lstat().st_size
         except (TypeError, KeyError, ValueError, OSError):
             return 0
 
 
-def _check_manifest(path: Path, step: int, full: bool) -> tuple[dict | None, str | None]:
-    """(manifest, problem) for the directory `path` holding checkpoint `step`."""
+def _check_manifest(path: Path, step: int, full: bool) -> tuple[dict | None, str | None, str | None]:
+    """(manifest, problem, code) for the directory `path` holding checkpoint `step`."""
     mpath = path / MANIFEST
     try:
+        if mpath.is_symlink():
+            return None, "manifest.json is a symlink (trainsup never follows symlinks)", SYMLINK
         raw = mpath.read_bytes()
     except FileNotFoundError:
-        return None, "missing manifest.json (the save never committed)"
+        return None, "missing manifest.json (the save never committed)", MISSING_MANIFEST
     except OSError as e:
-        return None, f"unreadable manifest.json: {e.strerror or e}"
+        return None, f"unreadable manifest.json: {e.strerror or e}", UNREADABLE_MANIFEST
     try:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return None, f"unreadable manifest.json: not valid JSON ({e})"
+        return None, f"unreadable manifest.json: not valid JSON ({e})", UNREADABLE_MANIFEST
     if not isinstance(manifest, dict):
-        return None, "unreadable manifest.json: not a JSON object"
+        return None, "unreadable manifest.json: not a JSON object", UNREADABLE_MANIFEST
     fmt = manifest.get("format")
     if not isinstance(fmt, int) or isinstance(fmt, bool):
-        return manifest, "unknown manifest format (no integer 'format' key): not a trainsup checkpoint"
+        return manifest, "unknown manifest format (no integer 'format' key): not a trainsup checkpoint", UNKNOWN_FORMAT
     if fmt > FORMAT_VERSION:
         return manifest, (
-            f"manifest format {fmt} is newer than this trainsup reads ({FORMAT_VERSION}): "
-            "upgrade trainsup"
-        )
+            f"manifest format {fmt} is newer than this trainsup reads ({FORMAT_VERSION}): upgrade trainsup"
+        ), NEWER_FORMAT
     if fmt < 1:
-        return manifest, f"unknown manifest format {fmt}"
+        return manifest, f"unknown manifest format {fmt}", UNKNOWN_FORMAT
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
-        return manifest, f"manifest.json lacks {', '.join(missing)}"
-    if manifest["step"] != step:
-        return manifest, f"manifest says step {manifest['step']} but the directory is {path.name}"
+        return manifest, f"manifest.json lacks {', '.join(missing)}", BAD_MANIFEST
+    mstep = manifest["step"]
+    if not isinstance(mstep, int) or isinstance(mstep, bool) or mstep != step:
+        return manifest, f"manifest says step {mstep!r} but the directory is {path.name}", STEP_MISMATCH
     files = manifest["files"]
     if not isinstance(files, list):
-        return manifest, "manifest.json 'files' is not a list"
+        return manifest, "manifest.json 'files' is not a list", BAD_MANIFEST
     for entry in files:
         try:
             rel, size, digest = entry["path"], int(entry["size"]), entry["sha256"]
+            if not isinstance(rel, str) or not rel:
+                raise TypeError
         except (TypeError, KeyError, ValueError):
-            return manifest, f"manifest.json has a malformed file entry: {entry!r}"
+            return manifest, f"manifest.json has a malformed file entry: {entry!r}", BAD_MANIFEST
         rel_path = Path(rel)
-        if rel_path.is_absolute() or ".." in rel_path.parts or rel == MANIFEST:
-            return manifest, f"manifest.json lists a path outside the checkpoint: {rel}"
+        if rel_path.is_absolute() or ".." in rel_path.parts or rel_path.as_posix() == MANIFEST:
+            return manifest, f"manifest.json lists a path outside the checkpoint: {rel}", PATH_OUTSIDE
         fpath = path / rel_path
+        # A symlinked sub-directory would lead outside the checkpoint: never follow one.
+        parent = path
+        for part in rel_path.parts[:-1]:
+            parent = parent / part
+            if parent.is_symlink():
+                return manifest, f"manifest.json lists a path outside the checkpoint: {rel} (through a symlink)", PATH_OUTSIDE
         try:
             st = fpath.lstat()
         except FileNotFoundError:
-            return manifest, f"missing file: {rel}"
+            return manifest, f"missing file: {rel}", MISSING_FILE
         except OSError as e:
-            return manifest, f"unreadable file {rel}: {e.strerror or e}"
-        if not os.path.isfile(fpath) or fpath.is_symlink():
-            return manifest, f"not a regular file: {rel}"
+            return manifest, f"unreadable file {rel}: {e.strerror or e}", UNREADABLE_FILE
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            return manifest, f"{rel} is {kind}", NOT_A_FILE
         if st.st_size != size:
-            return manifest, f"size mismatch: {rel} is {st.st_size} bytes, manifest says {size}"
+            return manifest, f"size mismatch: {rel} is {st.st_size} bytes, manifest says {size}", SIZE_MISMATCH
         if full:
             try:
                 actual = sha256_file(fpath)
             except OSError as e:
-                return manifest, f"unreadable file {rel}: {e.strerror or e}"
+                return manifest, f"unreadable file {rel}: {e.strerror or e}", UNREADABLE_FILE
             if actual != digest:
-                return manifest, f"hash mismatch: {rel} (sha256 {actual[:12]}…, manifest {str(digest)[:12]}…)"
-    return manifest, None
+                return manifest, (
+                    f"hash mismatch: {rel} (sha256 {actual[:12]}…, manifest {str(digest)[:12]}…)"
+                ), HASH_MISMATCH
+    return manifest, None, None
 
 
 @dataclass
@@ -206,12 +279,14 @@ class CheckpointStore:
             m = _STEP_RE.match(name)
             if m:
                 found.append((int(m.group(1)), self.root / name))
+        # The canonically named directory of a step wins; any other spelling is the duplicate.
         found.sort(key=lambda sp: (sp[0], sp[1].name != step_dir_name(sp[0]), sp[1].name))
         result: list[Checkpoint] = []
         seen: dict[int, str] = {}
         for step, path in found:
             if step in seen:
-                result.append(Checkpoint(path, step, None, f"duplicate step {step} (also {seen[step]})"))
+                result.append(Checkpoint(path, step, None, f"duplicate step {step} (also {seen[step]})",
+                                         code=DUPLICATE_STEP))
                 continue
             seen[step] = path.name
             result.append(self.check(path, step, full=full))
@@ -222,17 +297,21 @@ class CheckpointStore:
         if step is None:
             m = _STEP_RE.match(path.name)
             if not m:
-                return Checkpoint(path, -1, None, f"{path.name} is not a checkpoint name (step-N)")
+                return Checkpoint(path, -1, None, f"{path.name} is not a checkpoint name (step-N)", code=BAD_NAME)
             step = int(m.group(1))
         if path.is_symlink():
-            return Checkpoint(path, step, None, "is a symlink (trainsup never follows symlinks)")
+            return Checkpoint(path, step, None, "is a symlink (trainsup never follows symlinks)", code=SYMLINK)
         if not path.is_dir():
-            return Checkpoint(path, step, None, "not a directory")
-        manifest, problem = _check_manifest(path, step, full)
-        return Checkpoint(path, step, manifest, problem, checked_hashes=full and problem is None)
+            return Checkpoint(path, step, None, "not a directory", code=NOT_A_DIRECTORY)
+        manifest, problem, code = _check_manifest(path, step, full)
+        return Checkpoint(path, step, manifest, problem, checked_hashes=full and problem is None, code=code)
 
     def latest_valid(self, *, full: bool = False) -> Checkpoint | None:
-        for ckpt in reversed(self.scan(full=full)):
+        """The newest valid checkpoint; with `full`, only the candidates' hashes are read,
+        newest first, until one passes (not every checkpoint's)."""
+        for ckpt in reversed(self.scan(full=False)):
+            if ckpt.valid and full:
+                ckpt = self.check(ckpt.path, ckpt.step, full=True)
             if ckpt.valid:
                 return ckpt
         return None
@@ -250,7 +329,9 @@ class CheckpointStore:
         self._check_root()
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-        if tmp.exists():
+        if tmp.is_symlink():
+            tmp.unlink()
+        elif tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
         return tmp
@@ -267,7 +348,11 @@ class CheckpointStore:
         config_fingerprint: str = "",
         extra: Mapping[str, Any] | None = None,
     ) -> Checkpoint:
-        """Seal `tmp` (from begin()) as checkpoint `step`; returns the committed checkpoint."""
+        """Seal `tmp` (from begin()) as checkpoint `step`; returns the committed checkpoint.
+
+        Metrics that are NaN or infinite are written as JSON null (manifest.json stays
+        strict JSON that any tool parses) and read back as None.
+        """
         tmp = Path(tmp)
         final = self.root / step_dir_name(step)
         if final.exists() or final.is_symlink():
@@ -277,12 +362,22 @@ class CheckpointStore:
             log.warning("replacing invalid %s (%s)", final.name, existing.problem)
             self.remove(existing)
         files = sorted(
-            (p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink() and p.name != MANIFEST),
+            (p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink()
+             and p.relative_to(tmp).as_posix() != MANIFEST),
             key=lambda p: p.relative_to(tmp).as_posix(),
         )
-        with ThreadPoolExecutor(self._hash_threads) as pool:
-            # hashlib and fsync both release the GIL: hash and flush files side by side.
-            entries = list(pool.map(lambda p: _seal_file(tmp, p), files))
+        # Overlap the two slow parts: fsync (waits on the disk, no CPU) runs in its own
+        # threads while other threads hash (CPU; hashlib releases the GIL). Biggest first.
+        by_size = sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+        with ThreadPoolExecutor(self._hash_threads + 2) as pool:
+            syncs = [pool.submit(_fsync_file, p) for p in by_size]
+            hashes = {p: pool.submit(_hash_file, p) for p in by_size}
+            for fut in syncs:
+                fut.result()
+            entries = []
+            for p in files:
+                size, digest = hashes[p].result()
+                entries.append({"path": p.relative_to(tmp).as_posix(), "size": size, "sha256": digest})
         for d in sorted({p.parent for p in files} - {tmp}, key=lambda p: len(p.parts), reverse=True):
             fsync_dir(d)
         manifest: dict[str, Any] = dict(extra or {})
@@ -292,13 +387,13 @@ class CheckpointStore:
             epoch=int(epoch),
             batch_in_epoch=int(batch_in_epoch),
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
-            metrics={k: float(v) for k, v in (metrics or {}).items()},
+            metrics={str(k): (float(v) if math.isfinite(float(v)) else None) for k, v in (metrics or {}).items()},
             reason=reason,
             config_fingerprint=config_fingerprint,
             files=entries,
         )
         with open(tmp / MANIFEST, "wb") as f:
-            f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
+            f.write(json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False).encode())
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(tmp)
@@ -307,21 +402,31 @@ class CheckpointStore:
         return Checkpoint(final, step, manifest, None)
 
     def remove(self, ckpt: Checkpoint | Path) -> None:
-        """Delete one checkpoint: renamed out of sight first, so no reader sees it half gone."""
+        """Delete one checkpoint: renamed out of sight first, so no reader sees it half gone.
+
+        Refuses (StoreError) anything that is not a `step-N` / `.tmp-*` entry directly inside
+        this store's root, a symlink, or reached through a symlinked root; nothing is followed.
+        """
         path = ckpt.path if isinstance(ckpt, Checkpoint) else Path(ckpt)
         if path.parent != self.root or not (_STEP_RE.match(path.name) or _TMP_RE.match(path.name)):
             raise StoreError(f"refusing to delete {path}: not a checkpoint inside {self.root}")
+        if self.root.is_symlink():
+            raise StoreError(f"refusing to delete {path}: {self.root} is a symlink (trainsup never follows symlinks)")
         if path.is_symlink():
             raise StoreError(f"refusing to delete {path}: it is a symlink (trainsup never follows symlinks)")
+        if not path.exists():
+            return
         if _STEP_RE.match(path.name):
             step = int(_STEP_RE.match(path.name).group(1))
             doomed = self.root / f".tmp-del-{step_dir_name(step)}-{os.getpid()}"
-            if doomed.exists():
-                shutil.rmtree(doomed)
+            if doomed.is_symlink():
+                doomed.unlink()
+            elif doomed.exists():
+                _rmtree(doomed)
             os.rename(path, doomed)
             fsync_dir(self.root)
             path = doomed
-        shutil.rmtree(path)
+        _rmtree(path)
 
     def remove_stale_tmp(self) -> list[Path]:
         """Remove uncommitted saves whose writer is gone; returns what was removed."""
@@ -331,21 +436,23 @@ class CheckpointStore:
             if pid != os.getpid() and _pid_alive(pid):
                 continue  # somebody is still writing it
             if tmp.is_symlink():
+                log.warning("leaving %s alone: it is a symlink", tmp)
                 continue
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                _rmtree(tmp)
+            except OSError as e:
+                log.warning("could not remove stale %s: %s", tmp, e)
+                continue
             removed.append(tmp)
         return removed
 
 
-def _seal_file(tmp: Path, path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-        os.fsync(f.fileno())
-    return {"path": path.relative_to(tmp).as_posix(), "size": size, "sha256": h.hexdigest()}
+def _rmtree(path: Path) -> None:
+    """Remove a directory tree (symlinks inside are unlinked, never followed) or a plain file."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -356,4 +463,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
