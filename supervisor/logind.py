@@ -12,7 +12,7 @@ After resume it sends `PrepareForSleep(false)`; the lock must be taken again.
 - PrepareForSleep(true)    -> Decision SAVE  (ranks commit at the next step, keep going)
 - PrepareForShutdown(true) -> Decision STOP  (ranks save and exit 75)
 - releases the lock (closes the fd) as soon as `on_checkpoint()` reports a
-  commit newer than any it knew of when the request came, or when the delay
+  commit other than the last one it knew of when the request came, or when the delay
   budget (InhibitDelayMaxUSec minus `release_margin_s`) runs out, whichever is
   first; until the system is back, `blocking_reason()` keeps new attempts from
   starting;
@@ -113,6 +113,7 @@ class LogindWatcher:
         why: str = "saving a training checkpoint first",
         clock: Callable[[], float] = time.monotonic,
         connect_timeout_s: float = 2.0,
+        wakeup: Callable[[], None] | None = None,
         start: bool = True,
     ) -> None:
         self.config = config or LogindConfig()
@@ -120,6 +121,10 @@ class LogindWatcher:
         self.why = why
         self.clock = clock  # the thread keeps its own time: the budget must expire without poll()
         self.connect_timeout_s = connect_timeout_s
+        # Called from the D-Bus thread after a decision is queued, so a loop that sleeps
+        # between ticks can wake at once (e.g. threading.Event.set): every tick of delay
+        # before the SAVE reaches the ranks comes out of logind's 5 s.
+        self._wakeup = wakeup
         self._decisions: "queue.SimpleQueue[Decision]" = queue.SimpleQueue()
         self._mu = threading.Lock()  # guards everything below (main thread vs. D-Bus thread)
         self._ready = threading.Event()
@@ -175,9 +180,12 @@ class LogindWatcher:
 
     def on_checkpoint(self, step: int, now: float) -> None:
         with self._mu:
-            self._last_step = step if self._last_step is None else max(self._last_step, step)
-            newer = self._step_at_request is None or step > self._step_at_request
-            if self._pending and not self._released and newer:
+            # The loop reports each commit once; a repeat of the step we already knew when the
+            # request came is not the save we asked for. (Not "step > known": a run that
+            # resumed from an older checkpoint commits lower steps.)
+            new = step != self._step_at_request
+            self._last_step = step
+            if self._pending and not self._released and new:
                 self._release_locked(f"checkpoint step {step} committed")
 
     def status(self) -> dict[str, Any]:
@@ -253,7 +261,7 @@ class LogindWatcher:
                     d = Decision(Action.STOP, "prepare_for_shutdown",
                                  f"the system is shutting down: saving a checkpoint and stopping, then "
                                  f"releasing the shutdown inhibitor (at most {budget:.1f} s)", {"budget_s": budget})
-                self._decisions.put(d)
+                self._queue(d)
                 log.info("logind: %s", d.reason)
                 if budget <= 0:
                     self._release_locked("no delay budget (InhibitDelayMaxUSec <= release_margin_s)")
@@ -267,8 +275,19 @@ class LogindWatcher:
                 self._retake = True
                 event = "resumed_from_sleep" if kind == "sleep" else "shutdown_cancelled"
                 what = "the system woke up" if kind == "sleep" else "the shutdown was cancelled"
-                self._decisions.put(Decision(Action.NOTE, event,
+                self._queue(Decision(Action.NOTE, event,
                                              f"{what}: inhibitor lock taken again; training may continue"))
+
+    def _queue(self, d: Decision) -> None:
+        self._decisions.put(d)
+
+    def _kick(self) -> None:
+        """Run the wakeup callback; never with self._mu held (it may call status())."""
+        if self._wakeup is not None:
+            try:
+                self._wakeup()
+            except Exception:  # noqa: BLE001 - a broken callback must not kill the D-Bus thread
+                log.exception("logind: wakeup callback failed")
 
     def _check_deadline(self) -> None:
         with self._mu:
@@ -286,8 +305,9 @@ class LogindWatcher:
             self._close_fd_locked()
         if first:
             log.warning("logind: %s; the run continues without sleep/shutdown protection", reason)
-            self._decisions.put(Decision(Action.NOTE, "logind_unavailable",
+            self._queue(Decision(Action.NOTE, "logind_unavailable",
                                          f"{reason}: sleep/shutdown will not wait for a checkpoint"))
+            self._kick()
 
     # ------------------------------------------------------------------ D-Bus thread
 
@@ -384,6 +404,7 @@ class LogindWatcher:
                         if member in ("PrepareForSleep", "PrepareForShutdown") and msg.body:
                             self._on_prepare("sleep" if member == "PrepareForSleep" else "shutdown",
                                              bool(msg.body[0]))
+                            self._kick()
                     self._check_deadline()
         except (ConnectionError, OSError, TimeoutError) as e:
             if not self._stop.is_set():

@@ -33,9 +33,9 @@ def make(bus: PrivateBus, monkeypatch: pytest.MonkeyPatch):
     # The watcher finds the bus the way it would find the real system bus.
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)
 
-    def _make(delay_max_usec: int = 5_000_000, margin_s: float = 0.5, deny_inhibit: bool = False):
+    def _make(delay_max_usec: int = 5_000_000, margin_s: float = 0.5, deny_inhibit: bool = False, wakeup=None):
         fake = FakeLogind(bus.address, delay_max_usec=delay_max_usec, deny_inhibit=deny_inhibit)
-        w = LogindWatcher(LogindConfig(release_margin_s=margin_s))
+        w = LogindWatcher(LogindConfig(release_margin_s=margin_s), wakeup=wakeup)
         made.append((fake, w))
         assert w.wait_ready(5)
         return fake, w
@@ -144,6 +144,19 @@ def test_signals_from_anyone_but_login1_are_ignored(make, bus: PrivateBus) -> No
     assert len(fake.held_locks()) == 1 and w.blocking_reason(0.0) is None
     fake.prepare_for_sleep(True)  # the real owner still gets through
     assert [d.action for d in wait_decisions(w)] == [Action.SAVE]
+
+
+def test_wakeup_callback_and_any_other_step_releases(make) -> None:
+    import threading
+
+    woke = threading.Event()
+    fake, w = make(delay_max_usec=30_000_000, wakeup=lambda: (w.status(), woke.set()))
+    w.on_checkpoint(104, 0.0)
+    fake.prepare_for_sleep(True)
+    assert woke.wait(2.0)  # the loop can wake at once instead of at its next tick
+    assert [d.action for d in w.poll(0.0)] == [Action.SAVE]
+    w.on_checkpoint(50, 0.0)  # a run resumed from an older checkpoint commits lower steps
+    assert fake.wait_for(lambda f: not f.held_locks(), 2.0)
 
 
 def test_inhibit_denied_still_asks_for_a_save(make) -> None:
