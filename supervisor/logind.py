@@ -303,6 +303,9 @@ class LogindWatcher:
             self.available = False
             self.unavailable_reason = reason
             self._close_fd_locked()
+            # Without the bus no PrepareFor*(false) will come: do not block restarts forever.
+            self._pending = None
+            self._deadline = None
         if first:
             log.warning("logind: %s; the run continues without sleep/shutdown protection", reason)
             self._queue(Decision(Action.NOTE, "logind_unavailable",

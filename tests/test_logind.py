@@ -198,6 +198,8 @@ def test_bus_without_logind(bus: PrivateBus) -> None:
 
 def test_losing_the_bus_mid_run_is_reported(make, bus: PrivateBus) -> None:
     fake, w = make()
+    fake.prepare_for_sleep(True)
+    assert [d.action for d in wait_decisions(w)] == [Action.SAVE]
     bus.stop()
     deadline = time.monotonic() + 5
     while w.status()["available"] and time.monotonic() < deadline:
@@ -205,6 +207,7 @@ def test_losing_the_bus_mid_run_is_reported(make, bus: PrivateBus) -> None:
     st = w.status()
     assert st["available"] is False and "lost the D-Bus system bus" in st["reason"]
     assert [d.event for d in w.poll(0.0)] == ["logind_unavailable"]
+    assert w.blocking_reason(0.0) is None  # no wake-up signal can come any more
 
 
 def test_disabled_never_connects() -> None:
