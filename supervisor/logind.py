@@ -124,7 +124,7 @@ class LogindWatcher:
         # Called from the D-Bus thread after a decision is queued, so a loop that sleeps
         # between ticks can wake at once (e.g. threading.Event.set): every tick of delay
         # before the SAVE reaches the ranks comes out of logind's 5 s.
-        self._wakeup = wakeup
+        self.wakeup = wakeup
         self._decisions: "queue.SimpleQueue[Decision]" = queue.SimpleQueue()
         self._mu = threading.Lock()  # guards everything below (main thread vs. D-Bus thread)
         self._ready = threading.Event()
@@ -283,9 +283,9 @@ class LogindWatcher:
 
     def _kick(self) -> None:
         """Run the wakeup callback; never with self._mu held (it may call status())."""
-        if self._wakeup is not None:
+        if self.wakeup is not None:
             try:
-                self._wakeup()
+                self.wakeup()
             except Exception:  # noqa: BLE001 - a broken callback must not kill the D-Bus thread
                 log.exception("logind: wakeup callback failed")
 
