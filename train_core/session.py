@@ -345,6 +345,7 @@ class TrainSession:
             self._state = "finished"
             self._report_exit("finished", 0)
             self._teardown()
+            self.close()
             return False
         self._exit_with(exc)
         if isinstance(exc, StopTraining):
@@ -370,6 +371,13 @@ class TrainSession:
         except Exception as e:  # noqa: BLE001 - reporting must never mask the real exception
             log.error("could not write the exit report: %s", e)
         self._teardown()
+
+    def close(self) -> None:
+        """Give the signals back (done on a normal finish). After a stop or a failure the
+        handlers stay: the process is on its way out, and a late SIGTERM (the 2-rank launcher
+        sends one when a peer exits) must not cut the exit report short."""
+        self.watcher.stop()
+        self.flag.uninstall()
 
     def _teardown(self) -> None:
         try:

@@ -78,7 +78,8 @@ def state_hash(model, ema, opt) -> str:
     return h.hexdigest()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None, on_micro=None) -> int:
+    """`on_micro(n, session, x)` (in-process tests only) runs after each micro-batch, before step_done."""
     p = argparse.ArgumentParser()
     p.add_argument("--run-dir")
     p.add_argument("--steps", type=int, default=24)
@@ -98,8 +99,7 @@ def main() -> int:
     p.add_argument("--signal-rank", type=int, default=0)
     p.add_argument("--oom-at", type=int)
     p.add_argument("--sleep-s", type=float, default=0.0)
-    args = p.parse_args()
-    logging.basicConfig(level=os.environ.get("TOY_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
 
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
@@ -142,6 +142,8 @@ def main() -> int:
                 raise torch.OutOfMemoryError(f"simulated: tried to allocate at micro-batch {n_micro}")
             if args.sleep_s:
                 time.sleep(args.sleep_s)
+            if on_micro is not None:
+                on_micro(n_micro, session, x)
             session.step_done(loss=loss, tokens=x.numel())
             if session.should_evaluate():
                 model.eval()
@@ -157,4 +159,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=os.environ.get("TOY_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     sys.exit(main())
