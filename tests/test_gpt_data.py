@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from examples.gpt import data as D
 from examples.gpt.data import DataError, TokenBlockDataset, collect_corpus, prepare_data
@@ -169,6 +171,28 @@ def test_chunked_encoding_equals_whole_text_encoding(corpus):
     assert got.dtype == np.uint16
     assert got.tolist() == expected
     assert tok.decode(got[: len(tok.encode(texts[0]).ids)].tolist()) == texts[0]
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    texts = [fake_text(i, 300) + "caf\u00e9 \u00fcber 12 345 don't it's\t\r\n\n\n    \n  \n" * 20 for i in range(4)]
+    return D.train_tokenizer(texts, 400)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    text=st.lists(st.sampled_from(list("ab z1'sé!\n\t\r ") + ["\n    ", "  ", "def", "'s"]), max_size=200).map("".join),
+    chunk_chars=st.integers(min_value=1, max_value=40),
+)
+def test_chunk_cuts_never_change_the_tokens(small_tokenizer, text, chunk_chars):
+    chunks = list(D._chunks(text, chunk_chars))
+    assert "".join(chunks) == text
+    # The cuts fall between pre-tokens (so the ids cannot depend on the learned merges).
+    pre = small_tokenizer.pre_tokenizer
+    pieces = [tok for chunk in chunks for tok, _ in pre.pre_tokenize_str(chunk)]
+    assert pieces == [tok for tok, _ in pre.pre_tokenize_str(text)]
+    whole = small_tokenizer.encode(text, add_special_tokens=False).ids + [0]
+    assert D.encode_texts(small_tokenizer, [text], chunk_chars=chunk_chars).tolist() == whole
 
 
 def test_uint16_overflow_guard_in_encoding():
