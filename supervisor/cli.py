@@ -27,3 +27,7 @@ from supervisor.cli_run import run_cmd, status_cmd, validate_cmd  # noqa: E402
 main.add_command(run_cmd)
 main.add_command(validate_cmd)
 main.add_command(status_cmd)
+
+from supervisor.cli_checkpoints import checkpoints  # noqa: E402
+
+main.add_command(checkpoints)
