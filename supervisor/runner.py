@@ -526,6 +526,8 @@ class Runner:
         self._start_attempt(now)
 
     def _start_attempt(self, now: float) -> None:
+        for p in self.store.remove_stale_tmp():  # a save killed in the previous attempt
+            log.info("removed uncommitted save %s", p.name)
         self._refresh_checkpoints(now, force=True)
         step = choose_resume(((c.step, c.valid) for c in self.checkpoints), self.excluded_steps)
         resume = next((c for c in self.checkpoints if c.step == step), None) if step is not None else None
@@ -679,6 +681,9 @@ class Runner:
         self._echo_output(final=True)
         status = LauncherStatus.from_wait_status(a.child.status)
         reports = self._exit_reports(a)
+        for r in reports:  # the exit report knows the last step even between heartbeats
+            if isinstance(r.get("step"), int):
+                a.max_step = max(a.max_step, r["step"])
         killed = a.term_sent_at is not None or a.kill_sent_at is not None
         c = classify_exit(reports, status, expected_ranks=a.plan.world_size_local, hung=a.hung,
                           killed_by_supervisor=killed)
@@ -688,9 +693,7 @@ class Runner:
                            ranks_reported=len(reports), duration_s=round(now - a.started_at, 3))
         log.info("attempt %d ended: %s (%s)", a.number, c.kind.value, c.detail)
         if c.kind is ExitKind.RESUME_FAILED and a.resume is not None:
-            self.excluded_steps.add(a.resume.step)
-            self.events.append("resume_fallback", now, failed=str(a.resume.path),
-                               reason=f"falling back to an older checkpoint: {c.detail}")
+            self._quarantine(a.resume, now, c.detail)
         if self.user_stop is not None:
             saved = self.newest_step > a.newest_at_stop or (c.kind is ExitKind.SAVED and self.newest_step >= 0)
             name = signal.Signals(self.user_stop).name
@@ -706,16 +709,40 @@ class Runner:
             self._finish(now, State.FATAL, EXIT_GAVE_UP, f"gave up: {decision.reason}")
         else:
             self.backoff_until = now + decision.delay_s
+            blocked = self._blocking(now)
+            if blocked is not None:
+                self.blocked_reason = blocked
+                self._transition(State.WAITING, now, f"not restarting after {decision.reason}: {blocked}",
+                                 kind=c.kind.value)
+                return
             self._transition(State.BACKOFF, now, f"restart in {decision.delay_s:.1f} s after {decision.reason}",
                              delay_s=round(decision.delay_s, 3), kind=c.kind.value,
                              restarts=len(self.restart_state.restart_times))
+
+    def _quarantine(self, ckpt: Checkpoint, now: float, detail: str) -> None:
+        """A checkpoint the ranks could not load: never resume from it again, and move it out of
+        the way (renamed, not deleted: it is evidence) so training can commit that step anew."""
+        self.excluded_steps.add(ckpt.step)
+        target = ckpt.path.with_name(f"failed-{ckpt.path.name}-{int(now)}")
+        try:
+            os.rename(ckpt.path, target)
+            runfiles.fsync_dir(ckpt.path.parent)
+        except OSError as e:
+            log.warning("could not move aside %s: %s", ckpt.path.name, e)
+            target = None
+        self._refresh_checkpoints(now, force=True)
+        self.events.append("resume_fallback", now, failed=str(ckpt.path), moved_to=str(target) if target else None,
+                           reason=f"falling back to an older checkpoint: {detail}")
+        log.warning("checkpoint %s could not be loaded; moved to %s; falling back to an older one",
+                    ckpt.path.name, target.name if target else "(not moved)")
 
     def _tick_backoff(self, now: float) -> None:
         if now >= self.backoff_until:
             self._next_attempt(now)
 
     def _tick_waiting(self, now: float) -> None:
-        self._next_attempt(now)
+        if now >= self.backoff_until:
+            self._next_attempt(now)
 
     # -- output -----------------------------------------------------------------
     def _echo_output(self, final: bool = False) -> None:

@@ -109,6 +109,8 @@ def step_fn(w, step):
 
 def save(reason):
     step = state["step"]
+    if (state["last_ckpt"] or {}).get("step") == step:
+        return  # already saved at this step
     if rank == 0:
         prev = state["state"]
         state["state"] = "saving"
@@ -122,11 +124,14 @@ def save(reason):
                           metrics={"val_loss": 1.0 / (1 + step)}, extra={"world_size": world})
         state["last_ckpt"] = {"step": step, "path": str(ck.path), "reason": reason}
         state["state"] = prev
-    else:  # follow rank 0
-        target = paths.checkpoints / f"step-{step:08d}"
-        deadline = time.time() + 30
-        while not (target / "manifest.json").exists() and time.time() < deadline:
-            time.sleep(0.02)
+    # other ranks hold no state of their own here: rank 0's checkpoint is the run's
+
+
+def follow_rank0_exit():
+    """A non-zero rank that stops waits for rank 0's commit (its exit report): no collective here."""
+    deadline = time.time() + 30
+    while not paths.exit_file(0).exists() and time.time() < deadline:
+        time.sleep(0.02)
 
 
 threading.Thread(target=supervisor_watch, daemon=True).start()
@@ -144,6 +149,7 @@ if resume:
 if rank == 0:
     threading.Thread(target=heartbeat_loop, daemon=True).start()
 
+seen_save_seq = runfiles.read_control(paths.control).save_seq  # never replay an old request
 try:
     state["state"] = "training"
     print(f"rank {rank}/{world}: attempt {attempt} starting at step {state['step']}", flush=True)
@@ -160,12 +166,25 @@ try:
         state["w"] = step_fn(state["w"], step)
         state["step"] = step + 1
         ctl = runfiles.read_control(paths.control)
+        while ctl.pause and not flags["stop"] and not ctl.stop:  # hold at the step boundary
+            state["state"] = "paused"
+            time.sleep(0.05)
+            ctl = runfiles.read_control(paths.control)
+        state["state"] = "training"
+        if ctl.save_seq > seen_save_seq:
+            seen_save_seq = ctl.save_seq
+            if rank == 0:
+                save("request")
         if (flags["stop"] or ctl.stop) and not (faulty and args.ignore_stop):
-            save("preempt")
+            if rank == 0:
+                save("preempt")
+            else:
+                follow_rank0_exit()
             state["state"] = "stopped"
             print(f"rank {rank}: saved step {state['step']} on request, exiting 75", flush=True)
             exit_report("saved", 75, checkpoint=str(paths.checkpoints / f"step-{state['step']:08d}"))
-        if args.save_every and state["step"] % args.save_every == 0 and state["step"] < args.steps:
+        ignoring = faulty and args.ignore_stop and (flags["stop"] or ctl.stop)  # no saves either
+        if args.save_every and state["step"] % args.save_every == 0 and state["step"] < args.steps and not ignoring:
             save("interval")
     save("final")
     state["state"] = "finished"

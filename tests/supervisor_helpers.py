@@ -1,0 +1,126 @@
+"""Shared helpers of the supervisor tests: job files for the fake rank, process scans, waits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_RANK = REPO / "tests" / "scripts" / "sup_fake_rank.py"
+CLI = [sys.executable, "-c", "from supervisor.cli import main; main()"]
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(v)
+
+
+def write_job(tmp: Path, args: list[str], *, script: Path = FAKE_RANK, run_dir: Path | None = None,
+              **sections: dict[str, Any]) -> Path:
+    """A job.toml for `script`; `sections` are {name: {key: value}} merged over test defaults."""
+    defaults: dict[str, dict[str, Any]] = {
+        "launch": {"cpu": True, "num_processes": 1},
+        "restart": {"max_restarts": 3, "backoff_initial_s": 0.2, "backoff_max_s": 2.0, "jitter": 0.0},
+        "stop": {"grace_s": 20.0, "kill_after_s": 2.0},
+        "watch": {"hang_timeout_s": 30.0, "startup_timeout_s": 60.0, "poll_interval_s": 0.1},
+    }
+    for name, body in sections.items():
+        defaults.setdefault(name, {}).update(body)
+    lines = [f"run_dir = {toml_value(str(run_dir or tmp / 'run'))}", "[train]",
+             f"script = {toml_value(str(script))}", f"args = {toml_value([str(a) for a in args])}"]
+    for name, body in defaults.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in body.items()]
+    job = tmp / "job.toml"
+    job.write_text("\n".join(lines) + "\n")
+    return job
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def start_supervisor(job: Path, *extra: str, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    # own session: the test's signals go to the supervisor only, as from a scheduler
+    return subprocess.Popen([*CLI, "run", str(job), *extra], env=env(), stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=REPO)
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def heartbeat_step(run_dir: Path) -> int:
+    st = read_json(run_dir / "status.json") or {}
+    return int(st.get("step", -1)) if st.get("state") == "training" else -1
+
+
+def events(run_dir: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def run_processes(run_dir: Path) -> list[psutil.Process]:
+    """Every live process whose environment says it belongs to `run_dir` (launcher, ranks, workers)."""
+    found = []
+    needle = str(run_dir)
+    for p in psutil.process_iter():
+        try:
+            if p.pid == os.getpid() or p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if p.environ().get("TRAINSUP_RUN_DIR") == needle:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def kill_run(run_dir: Path) -> None:
+    for p in run_processes(run_dir):
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+
+
+def final_weights(run_dir: Path, rank: int = 0) -> list[float]:
+    return json.loads((run_dir / f"final-weights-{rank}.json").read_text())
