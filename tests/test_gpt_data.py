@@ -299,7 +299,7 @@ _CHILD = textwrap.dedent(
     import os, sys, time, json
     sys.path.insert(0, {repo!r})
     from examples.gpt import data as D
-    mode, corpus, cache, marker = sys.argv[1:5]
+    mode, corpus, cache, marker = (sys.argv[1:] + ["", "", ""])[:4]
     real_train, real_write = D.train_tokenizer, D._write_file
     def slow_train(*a, **k):
         with open(marker + ".log", "a") as f:
@@ -311,6 +311,12 @@ _CHILD = textwrap.dedent(
         if path.name == "train.bin":
             open(marker, "w").close()
             time.sleep(60)  # killed here, with a half-written tmp folder
+    if mode == "hold":  # hold a lock file until killed
+        from filelock import FileLock
+        held = FileLock(corpus)  # kept in a name: a collected FileLock unlocks
+        held.acquire()
+        print("locked", flush=True)
+        time.sleep(60)
     D.train_tokenizer = slow_train
     if mode == "kill":
         D._write_file = stuck_write
@@ -344,6 +350,22 @@ def test_two_processes_preparing_at_once_train_once(tmp_path, corpus):
     assert (tmp_path / "race.log").read_text() == "trained\n"  # exactly one process trained
     assert sorted(r["hit"] for r in results) == [False, True]
     assert results[0]["key"] == results[1]["key"] and results[0]["n"] == results[1]["n"]
+
+
+def test_lock_timeout_is_a_clear_error(tmp_path, corpus):
+    cache = tmp_path / "cache"
+    p = prepare_data(corpus, cache, vocab_size=300)
+    with open(p.train_path, "r+b") as f:
+        f.truncate(10)  # force a rebuild, which needs the lock
+    holder = _child(tmp_path, "hold", cache / f"{p.key}.lock")
+    assert holder.stdout.readline().strip() == "locked"
+    try:
+        with pytest.raises(DataError, match=r"waited 0.3 s for another process preparing .*stop that process"):
+            prepare_data(corpus, cache, vocab_size=300, lock_timeout_s=0.3)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not prepare_data(corpus, cache, vocab_size=300).cache_hit
 
 
 def test_kill_mid_prepare_leaves_no_trusted_half_cache(tmp_path, corpus):

@@ -26,6 +26,7 @@ on the lock and then read the finished cache.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import json
 import logging
@@ -488,12 +489,17 @@ def prepare_data(
 
     lock = FileLock(str(cache_root / f"{key}.lock"))
     try:
-        lock.acquire(timeout=-1 if lock_timeout_s is None else lock_timeout_s, poll_interval=0.2)
+        lock.acquire(timeout=0)
     except Timeout:
-        raise DataError(
-            f"waited {lock_timeout_s} s for another process preparing {final}; "
-            f"wait longer (lock_timeout_s) or, if no such process runs, delete {lock.lock_file}"
-        ) from None
+        logger.info("another process is preparing %s; waiting for it", final)
+        try:
+            lock.acquire(timeout=-1 if lock_timeout_s is None else lock_timeout_s, poll_interval=0.2)
+        except Timeout:
+            # The lock is an flock: a dead holder releases it, so a live process holds it.
+            raise DataError(
+                f"waited {lock_timeout_s} s for another process preparing {final} "
+                f"(it holds {lock.lock_file}); wait longer (lock_timeout_s) or stop that process"
+            ) from None
     try:
         hit = _load_cached(final, key)  # another rank/process finished it while we waited
         if hit is not None:
@@ -584,7 +590,7 @@ def _build(corpus, files, fingerprint, settings, key, cache_root, final, val_fra
     result = _load_cached(final, key)
     if result is None:  # pragma: no cover - the rename above made it whole
         raise DataError(f"data cache {final} did not check out right after writing it; delete it and retry")
-    return PreparedData(**{**result.__dict__, "cache_hit": False})
+    return dataclasses.replace(result, cache_hit=False)
 
 
 # --------------------------------------------------------------------------- dataset
