@@ -21,6 +21,7 @@ import enum
 import logging
 import os
 import random
+import re
 import select
 import signal
 import time
@@ -199,7 +200,8 @@ class Runner:
 
         self.state: State | None = None
         self.attempt: Attempt | None = None
-        self.attempts = 0
+        self.attempts = 0  # attempt number of the latest attempt in this run dir
+        self._first_attempt = 0  # attempts before this supervisor started
         self.restart_state = RestartState()
         self.excluded_steps: set[int] = set()  # checkpoints that failed to load
         self.exit_code: int | None = None
@@ -260,6 +262,11 @@ class Runner:
         self.events = EventLog(self.paths.events)
         for p in self.store.remove_stale_tmp():
             log.info("removed stale uncommitted save %s", p.name)
+        # Attempt numbers are unique in a run dir, across supervisors: a heartbeat or exit report
+        # left by an earlier run is never mistaken for this one's, and no log is reused.
+        self.attempts = self._first_attempt = max(
+            (int(m.group(1)) for p in self.paths.logs.glob("attempt-*.log")
+             if (m := re.fullmatch(r"attempt-(\d+)\.log", p.name))), default=0)
         if self.install_signals:
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_r, False)
@@ -778,7 +785,7 @@ class Runner:
             "state": self.state.value if self.state else None,
             "pid": os.getpid(),
             "attempt": self.attempts,
-            "restarts": max(0, self.attempts - 1),
+            "restarts": max(0, self.attempts - self._first_attempt - 1),
             "started_at": self.started_at,
             "updated_at": now,
             "job_file": str(self.job.job_file) if self.job.job_file else None,

@@ -7,6 +7,7 @@ launch costs ~1.5 s of launcher start-up, not a torch import.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import signal
 import subprocess
 import time
@@ -94,8 +95,9 @@ def test_sigterm_saves_exits_75_and_resumes(tmp_path, cleanup, nproc):
     cleanup[1].append(sup2)
     assert finish(sup2) == 0, (tmp_path / "sup2.log").read_text()
     start = [e for e in kinds(run_dir, "state") if e["to"] == "starting"][-1]
-    assert start["resume_from"] == str(latest.path)
-    assert f"resumed from step {latest.step}" in (run_dir / "logs" / "attempt-1.log").read_text()
+    assert start["resume_from"] == str(latest.path) and start["attempt"] == 2  # numbering goes on
+    assert start["log"].endswith("attempt-2.log")
+    assert f"resumed from step {latest.step}" in Path(start["log"]).read_text()
     assert final_weights(run_dir) == uninterrupted(tmp_path, args)
     assert run_processes(run_dir) == []
     if nproc == 2:
@@ -212,3 +214,40 @@ def test_supervisor_sigkilled_leaves_no_rank_training(tmp_path, cleanup, nproc):
     # the ranks noticed the supervisor was gone and saved on their way out
     latest = CheckpointStore(run_dir / "checkpoints").latest_valid(full=True)
     assert latest is not None and latest.reason == "preempt" and latest.step >= 10
+
+
+TOY = Path(__file__).resolve().parent / "scripts" / "toy_train.py"
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "train_core" / "session.py").exists(),
+                    reason="train_core/session.py not written yet")
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_preempted_toy_run_equals_uninterrupted_bitwise(tmp_path, cleanup, nproc):
+    """Real torch + TrainSession ranks: SIGTERM mid-epoch, exit 75, resume, same final state hash."""
+    args = ["--steps", "24", "--sleep-s", "0.04", "--save-every", "0"]
+    sections = {"launch": {"num_processes": nproc}}
+    run_dir = tmp_path / "run"
+    cleanup[0].append(run_dir)
+    job = write_job(tmp_path, args, script=TOY, **sections)
+    sup = start_supervisor(job, log=tmp_path / "sup1.log")
+    cleanup[1].append(sup)
+    wait_for(lambda: heartbeat_step(run_dir) >= 7, 60, "step 7")
+    os.kill(sup.pid, signal.SIGTERM)
+    assert finish(sup, 90) == 75, (tmp_path / "sup1.log").read_text()
+    assert run_processes(run_dir) == []
+    latest = CheckpointStore(run_dir / "checkpoints").latest_valid(full=True)
+    assert latest is not None and 7 <= latest.step < 24
+    sup2 = start_supervisor(job, log=tmp_path / "sup2.log")
+    cleanup[1].append(sup2)
+    assert finish(sup2, 90) == 0, (tmp_path / "sup2.log").read_text()
+    assert [e.get("resume_from") for e in kinds(run_dir, "state") if e["to"] == "starting"][-1] == str(latest.path)
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    ref_job = write_job(ref, args, script=TOY, run_dir=ref / "run", **sections)
+    r = run_cli("run", str(ref_job), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = read_json(run_dir / "final_hash.json")
+    want = read_json(ref / "run" / "final_hash.json")
+    assert got["step"] == want["step"] == 24
+    assert got["hash"] == want["hash"]
