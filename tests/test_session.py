@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -364,6 +363,17 @@ def test_resume_modes(tmp_path):
     first = CheckpointStore(tmp_path / "b" / "checkpoints").latest_valid()
     code, rep = run(tmp_path / "b", "--resume", str(first.path), "--signal-at", "3")
     assert code == 75 and rep["step"] == first.step + 1
+
+
+def test_older_resume_point_replaces_the_abandoned_branch(tmp_path):
+    run(tmp_path, "--save-every", "2", "--signal-at", "12")  # step-2, step-4
+    assert steps(tmp_path) == [2, 4]
+    older = tmp_path / "checkpoints" / "step-00000002"
+    code, rep = run(tmp_path, "--resume", str(older), "--lr", "0.05", "--allow-change", "lr", "--signal-at", "6")
+    assert code == 75 and rep["step"] == 4
+    # the step-4 of the abandoned branch (lr 0.02) was replaced, not reused
+    ckpt = CheckpointStore(tmp_path / "checkpoints").check(Path(rep["checkpoint"]), full=True)
+    assert ckpt.valid and ckpt.manifest["config"]["lr"] == 0.05 and ckpt.manifest["attempt"] == 0
 
 
 def test_resume_skips_at_sampler_level(tmp_path, monkeypatch):

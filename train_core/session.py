@@ -433,6 +433,8 @@ class TrainSession:
         if not self._pending_step_done:
             raise SessionError("step_done() was called twice for one batch, or outside session.batches()")
         self._pending_step_done = False
+        if self._state == "evaluating":
+            self._state = "training"
         self.batch_in_epoch += 1
         self._local_tokens += int(tokens or 0)
         self._local_samples += int(samples if samples is not None else (self.micro_batch or 0))
@@ -450,16 +452,21 @@ class TrainSession:
             self._pending.append("interval")
 
     def should_evaluate(self) -> bool:
-        return bool(
+        due = bool(
             self._at_boundary
             and self.eval_every_steps
             and self.global_step % self.eval_every_steps == 0
             and not self._pending_step_done
         )
+        if due:
+            self._state = "evaluating"
+        return due
 
     def report_metrics(self, metrics: Mapping[str, float]) -> bool:
         """Record eval metrics (call on every rank); True when `best_metric` improved, which adds a
         "best" save at this step. Rank 0's values are what count."""
+        if self._state == "evaluating":
+            self._state = "training"
         values = {str(k): float(v) for k, v in metrics.items()}
         if self.world_size > 1:
             box = [values]
@@ -563,9 +570,15 @@ class TrainSession:
         if self.is_main:
             try:
                 existing = self.store.check(self.store.root / step_dir_name(step), step)
-                if existing.valid:
+                ours = {str(c.path) for c in (self.resumed_from, self.last_checkpoint) if c is not None}
+                if existing.valid and str(existing.path) in ours:
                     decision = ("exists", str(existing.path))
                 else:
+                    if existing.valid:
+                        # left by a run we did not continue (an explicit older resume point, or a
+                        # checkpoint that failed to load): this run's state replaces it
+                        log.warning("replacing %s, which this run did not resume from", existing.path.name)
+                        self.store.remove(existing)
                     decision = ("new", str(self.store.begin(step)))
             except Exception as e:  # noqa: BLE001 - every rank must learn of it, not hang
                 decision = ("fail", _one_line(e))
