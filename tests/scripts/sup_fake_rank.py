@@ -42,6 +42,7 @@ p.add_argument("--slow-save-s", type=float, default=30.0)
 p.add_argument("--resume-fail-from", type=int, default=-1)
 p.add_argument("--fault-attempts", default="")
 p.add_argument("--heartbeat-s", type=float, default=0.3)
+p.add_argument("--busy-iters", type=int, default=0, help="CPU-bound work per step instead of sleeping (benchmarks)")
 args = p.parse_args()
 
 run_dir = Path(os.environ[runfiles.ENV_RUN_DIR])
@@ -150,6 +151,7 @@ if rank == 0:
     threading.Thread(target=heartbeat_loop, daemon=True).start()
 
 seen_save_seq = runfiles.read_control(paths.control).save_seq  # never replay an old request
+t_train0 = time.perf_counter()
 try:
     state["state"] = "training"
     print(f"rank {rank}/{world}: attempt {attempt} starting at step {state['step']}", flush=True)
@@ -162,7 +164,12 @@ try:
             print(f"rank {rank}: hanging at step {step}", flush=True)
             while True:
                 time.sleep(1)
-        time.sleep(args.step_time)
+        if args.busy_iters:
+            acc = 0
+            for i in range(args.busy_iters):
+                acc += i * i
+        else:
+            time.sleep(args.step_time)
         state["w"] = step_fn(state["w"], step)
         state["step"] = step + 1
         ctl = runfiles.read_control(paths.control)
@@ -189,6 +196,8 @@ try:
     save("final")
     state["state"] = "finished"
     runfiles.write_json_atomic(run_dir / f"final-weights-{rank}.json", state["w"])
+    runfiles.write_json_atomic(run_dir / f"timing-{rank}.json", {"train_s": time.perf_counter() - t_train0,
+                                                                  "steps": args.steps})
     print(f"rank {rank}: finished at step {state['step']}", flush=True)
     exit_report("finished", 0)
 except Exception as e:  # noqa: BLE001
