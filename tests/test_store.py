@@ -44,13 +44,13 @@ def store(tmp_path: Path) -> CheckpointStore:
 
 
 def test_commit_writes_manifest_with_sizes_and_hashes(store):
-    c = commit(store, 7, metrics={"val_loss": 2.5, "bad": float("nan")}, config_fingerprint="abc",
+    c = commit(store, 7, metrics={"val_loss": 2.5, "bad": float("nan"), "inf": float("inf"), "none": None}, config_fingerprint="abc",
                extra={"world_size": 2, "samples_in_epoch": 56})
     assert c.path == store.root / "step-00000007" and c.valid
     m = json.loads((c.path / "manifest.json").read_text())  # strict JSON: NaN became null
     assert m["format"] == st.FORMAT_VERSION and m["step"] == 7 and m["epoch"] == 0 and m["batch_in_epoch"] == 7
     assert m["reason"] == "interval" and m["config_fingerprint"] == "abc"
-    assert m["metrics"] == {"val_loss": 2.5, "bad": None}
+    assert m["metrics"] == {"val_loss": 2.5, "bad": None, "inf": None, "none": None}
     assert m["world_size"] == 2 and m["samples_in_epoch"] == 56
     assert m["files"] == [
         {"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}

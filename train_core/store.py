@@ -415,7 +415,7 @@ class CheckpointStore:
             epoch=int(epoch),
             batch_in_epoch=int(batch_in_epoch),
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
-            metrics={str(k): (float(v) if math.isfinite(float(v)) else None) for k, v in (metrics or {}).items()},
+            metrics={str(k): _json_metric(v) for k, v in (metrics or {}).items()},
             reason=reason,
             config_fingerprint=config_fingerprint,
             files=entries,
@@ -473,6 +473,14 @@ class CheckpointStore:
                 continue
             removed.append(tmp)
         return removed
+
+
+def _json_metric(value: Any) -> float | None:
+    """A metric as strict JSON: NaN, inf and None become null."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def _rmtree(path: Path) -> None:
