@@ -435,6 +435,15 @@ def test_bad_setup_errors_name_the_fix(tmp_path):
         session_mod.TrainSession(acc, run_dir=tmp_path)
     with pytest.raises(session_mod.SessionError, match=r"save_every_steps=...\) must be an integer >= 0"):
         session_mod.TrainSession(acc, max_steps=1, save_every_steps=-1, run_dir=tmp_path)
+    # an eval loader may have any batch size; the training loader must match micro_batch
+    session = session_mod.TrainSession(acc, max_steps=1, micro_batch=4, run_dir=tmp_path / "bs")
+    data = torch.utils.data.TensorDataset(torch.zeros(16, 1))
+    train_dl, eval_dl = session.prepare(torch.utils.data.DataLoader(data, batch_size=8),
+                                        torch.utils.data.DataLoader(data, batch_size=16))
+    with pytest.raises(session_mod.SessionError, match="batch_size is 8 but session.micro_batch is 4"):
+        with session:
+            next(iter(session.batches(train_dl)))
+    assert read_json(tmp_path / "bs" / "ranks" / "exit-0.json")["kind"] == "error"
     os.environ["TRAINSUP_MICRO_BATCH"] = "x"
     try:
         with pytest.raises(session_mod.SessionError, match="TRAINSUP_MICRO_BATCH='x' must be a positive integer"):

@@ -168,7 +168,8 @@ def test_external_signal_to_one_rank_pid(tmp_path, ref2):
 
 def test_sigterm_to_process_group_with_dataloader_workers(tmp_path, ref1):
     d = tmp_path / "run"
-    proc = _start(d, "--sleep-s", "0.05", "--num-workers", "1", nproc=None)
+    # persistent workers too: facts.md says sys.exit hangs with them unless they are shut down
+    proc = _start(d, "--sleep-s", "0.05", "--num-workers", "1", "--persistent-workers", nproc=None)
     try:
         _wait_for_step(d, proc, 2)
         os.killpg(proc.pid, signal.SIGTERM)  # the rank and its DataLoader worker both get it

@@ -272,11 +272,6 @@ class TrainSession:
         if self.micro_batch is None and "batch_size" not in kwargs:
             raise SessionError("session.dataloader needs TrainSession(micro_batch=...) or batch_size=...")
         kwargs.setdefault("batch_size", self.micro_batch)
-        if kwargs.get("persistent_workers"):
-            raise SessionError(
-                "persistent_workers=True makes the process hang on exit after a stop (facts.md); "
-                "leave it off (workers restart once per epoch)"
-            )
         kwargs.setdefault("generator", torch.Generator())
         if kwargs.get("num_workers", 0) > 0:
             kwargs["worker_init_fn"] = ignore_stop_signals_worker_init(kwargs.get("worker_init_fn"))
@@ -294,19 +289,18 @@ class TrainSession:
                 self._prepared_loaders.append(new)
         return prepared
 
-    def _fix_dataloader(self, dl: torch.utils.data.DataLoader) -> None:
-        if self.micro_batch is not None and dl.batch_size is not None and dl.batch_size != self.micro_batch:
-            raise SessionError(
-                f"DataLoader batch_size is {dl.batch_size} but session.micro_batch is {self.micro_batch}"
-                f"{' (set by ' + ENV_MICRO_BATCH + ')' if os.environ.get(ENV_MICRO_BATCH) else ''}: "
-                "build it with batch_size=session.micro_batch (or use session.dataloader(...))"
-            )
-        if dl.num_workers > 0 and dl.persistent_workers:
-            log.warning("persistent_workers=True: the session shuts the workers down itself on exit")
-        if dl.generator is None:
-            dl.generator = torch.Generator()  # else every new iterator draws from the global RNG
-        if dl.num_workers > 0:
-            dl.worker_init_fn = ignore_stop_signals_worker_init(dl.worker_init_fn)
+    @staticmethod
+    def _fix_dataloader(dl: Any) -> None:
+        """Workers that ignore stop signals; a dedicated generator (without one, every new
+        iterator draws its worker seed from the global RNG, shifting dropout after a resume).
+        Works on a torch DataLoader before or after accelerator.prepare."""
+        base = getattr(dl, "base_dataloader", dl)
+        if not isinstance(base, torch.utils.data.DataLoader):
+            return
+        if base.generator is None:
+            base.generator = torch.Generator()
+        if base.num_workers > 0:
+            base.worker_init_fn = ignore_stop_signals_worker_init(base.worker_init_fn)
 
     def register(self, name: str, obj: Any) -> Any:
         """Checkpoint `obj` (anything with state_dict/load_state_dict) under `name`."""
@@ -396,6 +390,18 @@ class TrainSession:
         """Yield training micro-batches from the current position to the end of training."""
         if not self._entered:
             raise SessionError("iterate session.batches(...) inside `with session:` (that is where it resumes)")
+        batch_size = getattr(dataloader, "batch_size", None)
+        if batch_size is None:  # prepared loaders carry it on their batch sampler
+            batch_size = getattr(getattr(dataloader, "batch_sampler", None), "batch_size", None)
+        if self.micro_batch is not None and batch_size is not None and batch_size != self.micro_batch:
+            raise SessionError(
+                f"the training DataLoader's batch_size is {batch_size} but session.micro_batch is "
+                f"{self.micro_batch}{' (set by ' + ENV_MICRO_BATCH + ')' if os.environ.get(ENV_MICRO_BATCH) else ''}: "
+                "build it with batch_size=session.micro_batch (or use session.dataloader(...))"
+            )
+        self._fix_dataloader(dataloader)
+        if dataloader not in self._prepared_loaders:
+            self._prepared_loaders.append(dataloader)
         if self._done():
             return
         self._boundary()  # a stop/pause that arrived during startup acts before any work
@@ -415,6 +421,7 @@ class TrainSession:
                         "(resume cost grows with the position in the epoch)", self._skip_batches
                     )
                 loader = skip_first_batches(dataloader, self._skip_batches)
+                self._prepared_loaders.append(loader)  # its workers are shut down on exit too
                 self._skip_batches = 0
             for batch in loader:
                 self._pending_step_done = True

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None, on_micro=None) -> int:
     p.add_argument("--allow-change", action="append", default=[])
     p.add_argument("--keep-last", type=int)
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--persistent-workers", action="store_true")
     p.add_argument("--signal-at", default="")
     p.add_argument("--signal-rank", type=int, default=0)
     p.add_argument("--oom-at", type=int)
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None, on_micro=None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     total = args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) * max(0.05, 1 - s / (total * 2)))
-    train_dl = session.dataloader(make_data(args.dataset_size, 1), shuffle=True, num_workers=args.num_workers)
+    train_dl = session.dataloader(make_data(args.dataset_size, 1), shuffle=True, num_workers=args.num_workers,
+                                  persistent_workers=args.persistent_workers)
     val = make_data(16, 2)
     model, opt, train_dl, sched = session.prepare(model, opt, train_dl, sched)
     ema = session.register("ema", EMA(accelerator.unwrap_model(model)))
