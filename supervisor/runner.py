@@ -212,6 +212,8 @@ class Runner:
         self.paused_by: set[str] = set()
         self.control = runfiles.Control()
         self.backoff_until = 0.0
+        # Extra env for the next attempts (e.g. an OOM back-off sets TRAINSUP_MICRO_BATCH/GRAD_ACCUM here).
+        self.launch_env: dict[str, str] = {}
         self.blocked_reason: str | None = None
         self.checkpoints: list[Checkpoint] = []
         self.newest_step = -1
@@ -545,7 +547,7 @@ class Runner:
         self.attempts += 1
         number = self.attempts
         plan = L.build_launch(self.job, attempt=number, resume_from=resume.path if resume else None,
-                              supervisor_pid=os.getpid(), base_env=os.environ,
+                              supervisor_pid=os.getpid(), base_env={**os.environ, **self.launch_env},
                               port=L.free_port() if self._multi() else None)
         log_path = self.paths.logs / f"attempt-{number}.log"
         child = L.spawn(plan, log_path, cwd=self.job.job_file.parent if self.job.job_file else None)
