@@ -1,29 +1,39 @@
 """TrainSession: a preemptible training loop around an existing `accelerate.Accelerator`.
 
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    session = TrainSession(accelerator, config=cfg, micro_batch=8, grad_accum=4, max_steps=1000,
-                           save_every_steps=100, eval_every_steps=200)       # before building the model
+    session = TrainSession(accelerator, config=cfg, micro_batch=8, grad_accum=4, max_steps=5000,
+                           save_every_steps=200, eval_every_steps=500)   # before building the model
     model, opt, sched = GPT(cfg), AdamW(...), LambdaLR(...)
-    dl = session.dataloader(train_ds, shuffle=True)                          # batch_size = session.micro_batch
+    dl = session.dataloader(train_set, shuffle=True)                     # batch_size=session.micro_batch
     model, opt, dl, sched = session.prepare(model, opt, dl, sched)
-    session.register("ema", ema)                                             # anything with state_dict()
-    with session:                                                            # resumes here
-        for batch in session.batches(dl):
+    ema = session.register("ema", EMA(model))                            # anything with state_dict()
+    with session:                                                        # resumes here
+        for x, y in session.batches(dl):
             with accelerator.accumulate(model):
-                loss = model(batch); accelerator.backward(loss); opt.step(); sched.step(); opt.zero_grad()
+                loss = model(x, y); accelerator.backward(loss); opt.step(); sched.step(); opt.zero_grad()
             if accelerator.sync_gradients: ema.update(model)
-            session.step_done(loss=loss, tokens=batch.numel())
-            if session.should_evaluate():
-                session.report_metrics({"val_loss": evaluate(model)})
-    # leaving the block saves a "final" checkpoint; on a stop request the process exits 75
+            session.step_done(loss=loss, tokens=x.numel())
+            if session.should_evaluate(): session.report_metrics({"val_loss": evaluate(model)})
+    # leaving the block saves a "final" checkpoint; after a stop request the process exits 75
+
+Run it plainly (`python train.py`, `accelerate launch train.py`) or under `trainsup run`. The run
+dir is `run_dir=`, else $TRAINSUP_RUN_DIR, else ./runs/<script name>; checkpoints go to
+$TRAINSUP_CHECKPOINT_DIR or RUN_DIR/checkpoints. resume="auto" continues from
+$TRAINSUP_RESUME_FROM when set (it wins over the script's choice), else the newest valid
+checkpoint, else starts fresh; "latest" requires one; a path picks one; None refuses a run dir
+that already has checkpoints. Every rank calls every method (saves and metrics are collective).
 
 What makes resume bitwise exact (facts.md "Exact resume"): set_seed before the model is built
 (the constructor does it), the seedable sampler, a dedicated DataLoader generator reseeded per
 epoch, set_epoch every epoch and before skip_first_batches, and saving only at an optimizer-step
 boundary (accumulated gradients are never saved).
 
+Randomness inside a Dataset (augmentation) stays exact only when derived from (seed, epoch,
+index): a resumed worker has not seen the skipped items, so its own RNG state differs.
+
 Skipping the consumed part of an epoch costs O(batches) index work for map-style datasets
-(the sampler yields indices, no item is loaded; ~50 ms per 100k batches). An IterableDataset
+(the sampler yields indices, no item is loaded; ~0.1 s per 100k batches, bench/bench_save.py).
+An IterableDataset
 has no sampler: skip_first_batches must READ and discard every consumed item, so resume cost
 grows with the position in the epoch (facts.md: 100k batches of 4 at 1 ms/item ~ 470 s). For
 streams, keep epochs short or make the dataset itself resumable.
