@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import filelock
 
+from supervisor import extensions
 from supervisor import launch as L
 from supervisor.config import JobConfig
 from supervisor.errors import EXIT_GAVE_UP, EXIT_INTERNAL, EXIT_OK, LockedError
@@ -105,9 +106,9 @@ class NullReporter:
 
 # --------------------------------------------------------------------------- watchers
 
-# The lead registers one factory per watcher kind: factory(job) -> Watcher, or None when the
-# job does not want it (e.g. lambda job: PowerWatcher.from_config(job.sections["power"])).
-WATCHER_FACTORIES: list[Callable[[JobConfig], Watcher | None]] = []
+# One factory per watcher kind: factory(job) -> Watcher, or None when the job does not want
+# it. The built-in ones ([gpu], [power], [logind]) come from supervisor.extensions.
+WATCHER_FACTORIES: list[Callable[[JobConfig], Watcher | None]] = list(extensions.WATCHERS)
 
 
 def build_watchers(job: JobConfig) -> list[Watcher]:
