@@ -36,7 +36,7 @@ class Console(logging.Handler):
         self.tty = stream.isatty() if tty is None else tty
         self.plain_every_s = plain_every_s
         self._progress = ""
-        self._last_plain = 0.0
+        self._last_plain: float | None = None  # the first running snapshot prints at once
         self._last_draw = 0.0
         self.setFormatter(logging.Formatter("[trainsup] %(message)s"))
 
@@ -68,7 +68,7 @@ class Console(logging.Handler):
                 self._progress = text
                 self.stream.write("\r\x1b[K" + text)
                 self.stream.flush()
-        elif now - self._last_plain >= self.plain_every_s and snap.get("state") == "running":
+        elif (self._last_plain is None or now - self._last_plain >= self.plain_every_s) and snap.get("state") == "running":
             self._last_plain = now
             self._write_line("[trainsup] " + text)
 
