@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
-ENV_CHECKPOINT_INTERVAL_STEPS = "TRAINSUP_CHECKPOINT_INTERVAL_STEPS"
-
 # Reset to SIG_DFL in the child: everything a parent (or a shell job) may have changed.
 _RESET_SIGNALS = tuple(
     s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
@@ -110,7 +108,7 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
     env.setdefault(runfiles.ENV_SAVE_SIGNAL, "SIGUSR1")
     env[runfiles.ENV_SUPERVISOR_PID] = str(supervisor_pid)
     if job.checkpoint.interval_steps:
-        env[ENV_CHECKPOINT_INTERVAL_STEPS] = str(job.checkpoint.interval_steps)
+        env[runfiles.ENV_CHECKPOINT_INTERVAL_STEPS] = str(job.checkpoint.interval_steps)
     if resume_from is not None:
         env[runfiles.ENV_RESUME_FROM] = str(resume_from)
     else:

@@ -326,6 +326,13 @@ def test_oom_override_is_exact_in_samples(tmp_path, monkeypatch):
     assert rep["kind"] == "error" and "micro_batch*grad_accum" in rep["detail"]
 
 
+def test_interval_from_the_job_file_wins(tmp_path, monkeypatch):
+    """[checkpoint] interval_steps reaches the rank as TRAINSUP_CHECKPOINT_INTERVAL_STEPS."""
+    monkeypatch.setenv("TRAINSUP_CHECKPOINT_INTERVAL_STEPS", "4")
+    code, rep = run(tmp_path, "--steps", "12", "--save-every", "5")
+    assert code == 0 and steps(tmp_path) == [4, 8, 12]
+
+
 def test_corrupt_checkpoint_is_resume_failed_before_loading(tmp_path, monkeypatch):
     code, rep = run(tmp_path, "--signal-at", "6")
     ckpt = Path(rep["checkpoint"])

@@ -30,6 +30,7 @@ ENV_SAVE_SIGNAL = "TRAINSUP_SAVE_SIGNAL"
 ENV_SUPERVISOR_PID = "TRAINSUP_SUPERVISOR_PID"  # ranks exit (after saving) if it dies
 ENV_MICRO_BATCH = "TRAINSUP_MICRO_BATCH"  # OOM recovery: override of the script's micro-batch
 ENV_GRAD_ACCUM = "TRAINSUP_GRAD_ACCUM"  # ... and the matching gradient accumulation
+ENV_CHECKPOINT_INTERVAL_STEPS = "TRAINSUP_CHECKPOINT_INTERVAL_STEPS"  # [checkpoint] interval_steps: wins over the script's
 
 # Exit codes of a rank (and of `trainsup run`, design.md).
 EXIT_FINISHED = 0

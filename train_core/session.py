@@ -62,6 +62,7 @@ from train_core.retention import Entry, RetentionPolicy, plan_retention
 from train_core.runfiles import (
     ENV_ATTEMPT,
     ENV_CHECKPOINT_DIR,
+    ENV_CHECKPOINT_INTERVAL_STEPS,
     ENV_GRAD_ACCUM,
     ENV_MICRO_BATCH,
     ENV_RESUME_FROM,
@@ -203,7 +204,8 @@ class TrainSession:
         self.seed = int(seed)
         self.max_steps = max_steps
         self.max_epochs = max_epochs
-        self.save_every_steps = save_every_steps
+        # the job file's [checkpoint] interval_steps, when the supervisor passes one, wins
+        self.save_every_steps = _env_int(ENV_CHECKPOINT_INTERVAL_STEPS) or save_every_steps
         self.eval_every_steps = eval_every_steps
         self.best_metric = best_metric
         self.best_mode = best_mode
