@@ -31,3 +31,7 @@ main.add_command(status_cmd)
 from supervisor.cli_checkpoints import checkpoints  # noqa: E402
 
 main.add_command(checkpoints)
+
+from supervisor.service import service  # noqa: E402
+
+main.add_command(service)

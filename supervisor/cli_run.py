@@ -123,6 +123,8 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
     """
     from supervisor import launch
     from supervisor.runner import Runner, build_watchers
+    from supervisor.sdnotify import SD_ENV_VARS, SdNotifier, SdNotifyReporter
+    from supervisor.service import STOP_MARGIN_S
 
     job = load_job(job_file, overrides, run_dir=run_dir)
     console = Console(sys.stdout)
@@ -131,9 +133,19 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
     root.addHandler(console)
     root.propagate = False
     try:
+        # Under systemd (Type=notify): READY/STATUS/WATCHDOG/STOPPING from the loop; the ranks
+        # must not inherit the socket, so the variables leave this process's environment.
+        notifier = SdNotifier()
+        for name in SD_ENV_VARS:
+            os.environ.pop(name, None)
+        reporter = SdNotifyReporter(console, notifier,
+                                    stop_timeout_s=job.stop.grace_s + job.stop.kill_after_s + STOP_MARGIN_S)
         watchers = build_watchers(job)
         subreaper = launch.set_child_subreaper()
-        code = Runner(job, watchers=watchers, reporter=console, subreaper=subreaper).run()
+        runner = Runner(job, watchers=watchers, reporter=reporter, subreaper=subreaper)
+        reporter.stop_requested = lambda: runner.user_stop is not None
+        code = runner.run()
+        reporter.finished(code, runner.exit_reason)
     finally:
         console.close_line()
         root.removeHandler(console)

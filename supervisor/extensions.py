@@ -9,6 +9,7 @@ function, so `trainsup --help` pays for none of them.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
@@ -48,21 +49,35 @@ def gpu_watcher(job: "JobConfig") -> "Watcher | None":
     if cfg is None:
         return None
     base = job.job_file.parent if job.job_file else job.run_dir
-    return build_gpu_watcher(cfg, base_dir=base, env={**os.environ, **job.train.env})
+    # The child gets CUDA_DEVICE_ORDER=PCI_BUS_ID unless the job sets another (supervisor.launch).
+    env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", **os.environ, **job.train.env}
+    return build_gpu_watcher(cfg, base_dir=base, env=env)
 
 
 def power_watcher(job: "JobConfig") -> "Watcher | None":
-    from supervisor.power import PowerWatcher
+    """[power] sysfs_root (default /sys/class/power_supply; a relative path is taken from the
+    job file's directory, like [train] script) is where tests put a fake tree."""
+    from supervisor.power import PowerWatcher, SysfsPowerSource
 
     cfg = job.sections.get("power")
-    return PowerWatcher(cfg) if cfg is not None and cfg.enabled else None
+    if cfg is None or not cfg.enabled:
+        return None
+    base = job.job_file.parent if job.job_file else Path.cwd()
+    return PowerWatcher(cfg, source=SysfsPowerSource(str(base / cfg.sysfs_root)))
 
 
 def logind_watcher(job: "JobConfig") -> "Watcher | None":
+    """The bus is $DBUS_SYSTEM_BUS_ADDRESS, else /run/dbus/system_bus_socket: the variable every
+    D-Bus library honours, so a test (or a container) points it at a private dbus-daemon without a
+    job.toml key. The runner sets the watcher's `wakeup` to its self-pipe; the watcher watches the
+    checkpoints dir while logind waits for a commit (see supervisor.logind)."""
     from supervisor.logind import LogindWatcher
+    from train_core.runfiles import RunPaths
 
     cfg = job.sections.get("logind")
-    return LogindWatcher(cfg) if cfg is not None and cfg.enabled else None
+    if cfg is None or not cfg.enabled:
+        return None
+    return LogindWatcher(cfg, checkpoint_dir=RunPaths(job.run_dir).checkpoints)
 
 
 WATCHERS: list[Callable[["JobConfig"], "Watcher | None"]] = [gpu_watcher, power_watcher, logind_watcher]

@@ -279,6 +279,9 @@ class Runner:
                 self._old_handlers[sig] = signal.signal(sig, lambda s, f: self._pending.append(s))
             # SIGCHLD only wakes the loop (the default disposition is "ignore" without waking)
             self._old_handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda s, f: None)
+            for w in self.watchers:  # a watcher with a thread of its own (logind) wakes the loop
+                if getattr(w, "wakeup", False) is None:
+                    w.wakeup = self.wake
 
     def _teardown(self) -> None:
         now = self.clock()
@@ -315,6 +318,14 @@ class Runner:
 
     def _children(self) -> dict[int, L.Child]:
         return {self.attempt.child.pid: self.attempt.child} if self.attempt else {}
+
+    def wake(self) -> None:
+        """Make the loop tick now; safe from any thread (a write to the self-pipe)."""
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"w")
+            except OSError:  # pipe full: the loop is waking anyway
+                pass
 
     def _wait(self, timeout_s: float) -> None:
         if self._pending:

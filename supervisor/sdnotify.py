@@ -12,6 +12,10 @@ sd_watchdog_enabled(3) recommends.
 
 The children must not inherit these variables (a rank could otherwise confuse
 systemd with its own READY=1 under NotifyAccess=all); `child_env()` drops them.
+
+`SdNotifyReporter` wraps the runner's Reporter (supervisor.runner): the runner calls
+`progress(snapshot)` once per loop turn, and that is where READY, STATUS, WATCHDOG and
+STOPPING go out, so the watchdog pings exactly as long as the main loop turns.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Mapping
+import time
+from typing import Any, Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +128,104 @@ class SdNotifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def status_text(snap: Mapping[str, Any]) -> str:
+    """One line for `systemctl status` from a runner snapshot (supervisor.json's fields)."""
+    state = snap.get("state") or "starting"
+    head = f"{state} (attempt {snap['attempt']})" if snap.get("attempt") else str(state)
+    parts = [head]
+    step, max_steps = snap.get("step"), snap.get("max_steps")
+    if isinstance(step, int):
+        parts.append(f"step {step}/{max_steps}" if max_steps else f"step {step}")
+    loss = snap.get("loss")
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        parts.append(f"loss {loss:.4f}")
+    ck = (snap.get("last_checkpoint") or {}).get("step")
+    if ck is not None:
+        parts.append(f"checkpoint {ck}")
+    if snap.get("paused_by"):
+        parts.append("paused by " + ", ".join(snap["paused_by"]))
+    if state == "waiting" and snap.get("blocked_by"):
+        parts.append(str(snap["blocked_by"]))
+    return ", ".join(parts)
+
+
+class SdNotifyReporter:
+    """A runner Reporter that forwards everything to `inner` and tells systemd how the run goes.
+
+    - READY=1 on the first loop turn: an attempt was started, or the run waits for a watcher
+      (on battery, too hot); either way the service is up.
+    - STATUS= whenever the line changes: at once on a state change, else at most every
+      `status_every_s` (the step changes every few hundred ms).
+    - WATCHDOG=1 at half of WatchdogSec, from the loop itself.
+    - STOPPING=1 once `stop_requested()` is true (the supervisor got SIGTERM/SIGINT/...), with
+      EXTEND_TIMEOUT_USEC=`stop_timeout_s`: the supervisor kills the ranks itself after its
+      grace period, so systemd must not SIGKILL the run before that even when the unit's
+      TimeoutStopSec is shorter than the job's [stop] timings.
+    - `finished(code, reason)` after the runner returns: STOPPING=1 (if not sent) and the reason.
+    """
+
+    def __init__(
+        self,
+        inner: Any,
+        notifier: SdNotifier,
+        *,
+        stop_requested: Callable[[], bool] = lambda: False,
+        stop_timeout_s: float | None = None,
+        status_every_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inner = inner
+        self.notifier = notifier
+        self.stop_requested = stop_requested
+        self.stop_timeout_s = stop_timeout_s
+        self.status_every_s = status_every_s
+        self.clock = clock
+        self.ready_sent = False
+        self.stopping_sent = False
+        self._last_text: str | None = None
+        self._last_state: Any = None
+        self._last_status_at = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        # Reporter hooks this class does not know (added later) reach the inner reporter as is.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def child_output(self, line: str) -> None:
+        self.inner.child_output(line)
+
+    def progress(self, snapshot: dict[str, Any]) -> None:
+        self.inner.progress(snapshot)
+        if not self.notifier.enabled:
+            return
+        now = self.clock()
+        text = status_text(snapshot)
+        state = snapshot.get("state")
+        sent = True
+        if not self.ready_sent:
+            self.ready_sent = True
+            self.notifier.ready(text)
+        elif not self.stopping_sent and self.stop_requested():
+            self.stopping_sent = True
+            self.notifier.stopping(text)
+            if self.stop_timeout_s:
+                self.notifier.extend_timeout(self.stop_timeout_s)
+        elif text != self._last_text and (state != self._last_state
+                                          or now - self._last_status_at >= self.status_every_s):
+            self.notifier.status(text)
+        else:
+            sent = False
+        if sent:
+            self._last_text, self._last_state, self._last_status_at = text, state, now
+        self.notifier.maybe_watchdog(now)
+
+    def finished(self, exit_code: int, reason: str) -> None:
+        text = f"exited {exit_code}: {reason}" if reason else f"exited {exit_code}"
+        if self.stopping_sent:
+            self.notifier.status(text)
+        else:
+            self.stopping_sent = True
+            self.notifier.stopping(text)

@@ -327,7 +327,7 @@ _env_opt = click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE"
                         help="Extra environment for the job (repeatable), e.g. --env HF_HOME=/data/hf.")
 
 
-@click.group("service")
+@click.group("service", context_settings={"help_option_names": ["-h", "--help"]})
 def service() -> None:
     """Run a job as a systemd user service that survives logout, sleep and reboot.
 

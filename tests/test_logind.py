@@ -33,9 +33,10 @@ def make(bus: PrivateBus, monkeypatch: pytest.MonkeyPatch):
     # The watcher finds the bus the way it would find the real system bus.
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)
 
-    def _make(delay_max_usec: int = 5_000_000, margin_s: float = 0.5, deny_inhibit: bool = False, wakeup=None):
+    def _make(delay_max_usec: int = 5_000_000, margin_s: float = 0.5, deny_inhibit: bool = False, wakeup=None,
+              checkpoint_dir=None):
         fake = FakeLogind(bus.address, delay_max_usec=delay_max_usec, deny_inhibit=deny_inhibit)
-        w = LogindWatcher(LogindConfig(release_margin_s=margin_s), wakeup=wakeup)
+        w = LogindWatcher(LogindConfig(release_margin_s=margin_s), wakeup=wakeup, checkpoint_dir=checkpoint_dir)
         made.append((fake, w))
         assert w.wait_ready(5)
         return fake, w
@@ -156,6 +157,31 @@ def test_wakeup_callback_and_any_other_step_releases(make) -> None:
     assert woke.wait(2.0)  # the loop can wake at once instead of at its next tick
     assert [d.action for d in w.poll(0.0)] == [Action.SAVE]
     w.on_checkpoint(50, 0.0)  # a run resumed from an older checkpoint commits lower steps
+    assert fake.wait_for(lambda f: not f.held_locks(), 2.0)
+
+
+def test_a_change_in_checkpoint_dir_wakes_the_loop_only_while_a_request_waits(make, tmp_path: Path) -> None:
+    import threading
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    wakes: list[str] = []
+    woke = threading.Event()
+    fake, w = make(delay_max_usec=30_000_000, checkpoint_dir=ckpts,
+                   wakeup=lambda: (wakes.append("x"), woke.set()))
+    (ckpts / "step-00000001").mkdir()  # no request pending: nobody is woken for this
+    time.sleep(0.1)
+    assert wakes == []
+    fake.prepare_for_sleep(True)
+    assert woke.wait(2.0)  # the decision itself
+    woke.clear()
+    assert [d.action for d in w.poll(0.0)] == [Action.SAVE]
+    time.sleep(0.1)  # several stat rounds of an unchanged dir: no wake-up
+    assert not woke.is_set()
+    (ckpts / "step-00000002").mkdir()  # what a commit's rename does to the dir
+    assert woke.wait(2.0)
+    assert fake.held_locks()  # a change only wakes the loop; the loop's on_checkpoint releases
+    w.on_checkpoint(2, 0.0)
     assert fake.wait_for(lambda f: not f.held_locks(), 2.0)
 
 

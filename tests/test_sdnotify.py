@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.sdnotify import SdNotifier, child_env
+from supervisor.sdnotify import SdNotifier, SdNotifyReporter, child_env, status_text
 
 
 def _path_socket(tmp_path: Path) -> tuple[socket.socket, str]:
@@ -92,3 +92,90 @@ def test_unreachable_socket_warns_once_and_never_raises(tmp_path: Path, caplog: 
 def test_child_env_drops_notify_variables() -> None:
     env = {"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1", "WATCHDOG_PID": "2", "PATH": "/bin"}
     assert child_env(env) == {"PATH": "/bin"}
+
+
+class Inner:
+    """The console the reporter wraps: records what reaches it."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def child_output(self, line: str) -> None:
+        self.calls.append(("out", line))
+
+    def progress(self, snap: dict) -> None:
+        self.calls.append(("progress", snap["state"]))
+
+    def watcher_readings(self, x: int) -> int:  # a hook added to the console later
+        return x + 1
+
+
+def snap(state: str, step: int | None = None, **kw) -> dict:
+    return {"state": state, "attempt": 1, "step": step, "max_steps": 100, "loss": None if step is None else 2.5,
+            "last_checkpoint": None, "paused_by": [], "blocked_by": None, **kw}
+
+
+def test_status_text_says_state_step_loss_checkpoint_and_why_it_waits() -> None:
+    assert status_text(snap("starting")) == "starting (attempt 1)"
+    assert status_text(snap("running", 12, last_checkpoint={"step": 10})) == \
+        "running (attempt 1), step 12/100, loss 2.5000, checkpoint 10"
+    assert status_text(snap("running", 12, paused_by=["power"])) == \
+        "running (attempt 1), step 12/100, loss 2.5000, paused by power"
+    assert status_text(snap("waiting", blocked_by="power: on battery")) == "waiting (attempt 1), power: on battery"
+
+
+def test_reporter_lifecycle_in_order_with_status_rate_limit_and_watchdog(tmp_path: Path) -> None:
+    sock, address = _path_socket(tmp_path)
+    with sock:
+        clock = [100.0]
+        stop = [False]
+        inner = Inner()
+        r = SdNotifyReporter(inner, SdNotifier({"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "4000000"}),
+                             stop_requested=lambda: stop[0], stop_timeout_s=90, clock=lambda: clock[0])
+        r.progress(snap("starting"))  # first turn of the loop: READY (+ the first watchdog ping)
+        r.progress(snap("starting"))  # nothing new
+        clock[0] += 0.5
+        r.progress(snap("running", 1))  # state change: at once
+        clock[0] += 0.2
+        r.progress(snap("running", 2))  # 0.2 s later: held back
+        clock[0] += 1.0
+        r.progress(snap("running", 9))  # 1.2 s after the last STATUS
+        clock[0] += 1.0  # 2.7 s after the first ping: half of WatchdogSec has passed
+        r.progress(snap("running", 9))
+        stop[0] = True
+        r.progress(snap("stopping", 9))
+        r.finished(75, "stopped on SIGTERM: checkpoint step 9 committed (saved)")
+        r.child_output("[rank0]: hello")
+        assert _drain(sock) == [
+            "READY=1\nSTATUS=starting (attempt 1)",
+            "WATCHDOG=1",
+            "STATUS=running (attempt 1), step 1/100, loss 2.5000",
+            "STATUS=running (attempt 1), step 9/100, loss 2.5000",
+            "WATCHDOG=1",
+            "STOPPING=1\nSTATUS=stopping (attempt 1), step 9/100, loss 2.5000",
+            "EXTEND_TIMEOUT_USEC=90000000",
+            "STATUS=exited 75: stopped on SIGTERM: checkpoint step 9 committed (saved)",
+        ]
+    # the console still gets everything, and hooks it has that the wrapper does not know
+    assert [c for c in inner.calls if c[0] == "progress"] == [("progress", s) for s in
+                                                             ["starting"] * 2 + ["running"] * 4 + ["stopping"]]
+    assert inner.calls[-1] == ("out", "[rank0]: hello")
+    assert r.watcher_readings(1) == 2
+
+
+def test_reporter_finish_without_a_stop_request_sends_stopping(tmp_path: Path) -> None:
+    sock, address = _path_socket(tmp_path)
+    with sock:
+        r = SdNotifyReporter(Inner(), SdNotifier({"NOTIFY_SOCKET": address}))
+        r.progress(snap("waiting", blocked_by="power: on battery"))
+        r.finished(0, "training finished at step 100")
+        assert _drain(sock) == ["READY=1\nSTATUS=waiting (attempt 1), power: on battery",
+                                "STOPPING=1\nSTATUS=exited 0: training finished at step 100"]
+
+
+def test_reporter_without_systemd_only_forwards() -> None:
+    inner = Inner()
+    r = SdNotifyReporter(inner, SdNotifier({}))
+    r.progress(snap("running", 3))
+    r.finished(0, "done")
+    assert inner.calls == [("progress", "running")] and not r.ready_sent
