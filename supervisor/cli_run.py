@@ -247,6 +247,8 @@ def collect_status(run_dir: Path) -> dict[str, Any]:
                             "created_at": latest.manifest.get("created_at")} if latest else None,
         "last_event": events[-1] if events else None,
         "watchers": sup.get("watchers") or {},
+        "batch": {k: hb.get(k) for k in ("micro_batch", "grad_accum", "world_size")} if hb.get("micro_batch") else None,
+        "launch_env": sup.get("launch_env"),
     }
 
 
@@ -287,6 +289,8 @@ def format_status(st: dict[str, Any]) -> str:
         + (f"  (heartbeat {st['heartbeat_age_s']:g} s ago)" if st.get("heartbeat_age_s") is not None else ""),
         "last checkpoint: " + (f"step {ck['step']} ({ck['reason']}) {ck['path']}" if ck else "none"),
     ]
+    if st.get("batch"):
+        lines.insert(-1, format_batch(st["batch"], st.get("launch_env") or {}))
     if ev:
         when = dt.datetime.fromtimestamp(ev.get("ts", 0)).strftime("%Y-%m-%d %H:%M:%S")
         rest = {k: v for k, v in ev.items() if k not in ("ts", "time", "event", "argv")}
@@ -295,5 +299,50 @@ def format_status(st: dict[str, Any]) -> str:
     else:
         lines.append("last event:      none")
     for name, ws in (st.get("watchers") or {}).items():
-        lines.append(f"watcher {name}: {json.dumps(ws, sort_keys=True)}")
+        if name == "gpu" and isinstance(ws, dict):
+            lines += format_gpu_status(ws)
+        else:
+            lines.append(f"watcher {name}: {json.dumps(ws, sort_keys=True)}")
     return "\n".join(lines)
+
+
+def format_batch(batch: dict[str, Any], launch_env: dict[str, Any]) -> str:
+    """`batch: micro-batch 2 x 4 accumulation x 1 rank(s) = 8 samples/step (OOM back-off)`."""
+    micro, accum, world = batch.get("micro_batch"), batch.get("grad_accum") or 1, batch.get("world_size") or 1
+    text = f"batch:           micro-batch {micro} x {accum} accumulation x {world} rank(s)"
+    if all(isinstance(v, int) for v in (micro, accum, world)):
+        text += f" = {micro * accum * world} samples/step"
+    if "TRAINSUP_MICRO_BATCH" in launch_env:
+        text += " (OOM back-off)"
+    return text
+
+
+def _gib(n: Any) -> str:
+    return f"{n / 2**30:.2f}" if isinstance(n, (int, float)) else "?"
+
+
+def format_gpu_status(ws: dict[str, Any]) -> list[str]:
+    """The [gpu] watcher's part of supervisor.json, one line per GPU."""
+    if "error" in ws:
+        return [f"gpu:             status failed: {ws['error']}"]
+    if not ws.get("available"):
+        return [f"gpu:             GPU unmonitored: {ws.get('reason') or 'unknown reason'}"]
+    gpus = ws.get("gpus") or []
+    head = (f"gpu:             {len(gpus)} GPU(s) via {ws.get('backend')}, every {_fmt_num(ws.get('poll_interval_s'), 'g')} s, "
+            f"thermal {ws.get('thermal')}")
+    age = ws.get("reading_age_s")
+    if isinstance(age, (int, float)) and age > 2 * (ws.get("poll_interval_s") or 0) + 1:
+        head += f" (reading {age:.0f} s old)"
+    lines = [head]
+    if ws.get("blocking"):
+        lines.append(f"  waiting: {ws['blocking']}")
+    for g in gpus:
+        frac = g.get("vram_fraction")
+        vram = (f"VRAM {_gib(g.get('vram_used_bytes'))}/{_gib(g.get('vram_total_bytes'))} GiB"
+                + (f" ({frac:.0%})" if isinstance(frac, (int, float)) else ""))
+        temp = f"{_fmt_num(g.get('temp_c'), 'g')} C"
+        power = f"{_fmt_num(g.get('power_w'), '.0f')}/{_fmt_num(g.get('power_limit_w'), '.0f')} W"
+        throttle = ", ".join(g.get("throttle") or []) or "none"
+        name = f" {g['name']}" if g.get("name") else ""
+        lines.append(f"  GPU {g.get('index')}{name}: {vram}  {temp}  {power}  throttle: {throttle}")
+    return lines

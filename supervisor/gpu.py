@@ -603,6 +603,10 @@ class GpuWatcher:
         """The ranks' PIDs: status() then lists only their GPU processes (None: all)."""
         self._job_pids = None if pids is None else frozenset(pids)
 
+    def on_attempt(self, pids: Iterable[int]) -> None:
+        """The runner's hook: the current attempt's rank PIDs (each time they change)."""
+        self.set_job_pids(pids)
+
     @property
     def devices(self) -> list[int]:
         """NVML indices being watched, in CUDA ordinal order (empty until opened)."""

@@ -102,6 +102,9 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
     env = dict(base_env)
     env.update(job.train.env)
     env.setdefault("PYTHONUNBUFFERED", "1")  # rank output reaches the attempt log as it happens
+    # CUDA numbers GPUs fastest-first by default, NVML by PCI bus: the same order makes the GPU
+    # watch read the GPUs the job really uses (CUDA_VISIBLE_DEVICES=1 means the same card to both).
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     env[runfiles.ENV_RUN_DIR] = str(job.run_dir)
     env[runfiles.ENV_CHECKPOINT_DIR] = str(paths.checkpoints)
     env[runfiles.ENV_ATTEMPT] = str(attempt)

@@ -36,6 +36,7 @@ from supervisor import launch as L
 from supervisor.config import JobConfig
 from supervisor.errors import EXIT_GAVE_UP, EXIT_INTERNAL, EXIT_OK, LockedError
 from supervisor.events import EventLog
+from supervisor.thermal import GpuConfig, next_batch_shape, oom_give_up_reason
 from supervisor.policy import (
     AttemptResult,
     ExitKind,
@@ -215,6 +216,7 @@ class Runner:
         self.backoff_until = 0.0
         # Extra env for the next attempts (e.g. an OOM back-off sets TRAINSUP_MICRO_BATCH/GRAD_ACCUM here).
         self.launch_env: dict[str, str] = {}
+        self._watched_pids: list[int] | None = None  # rank PIDs last given to watchers' on_attempt
         self.blocked_reason: str | None = None
         self.checkpoints: list[Checkpoint] = []
         self.newest_step = -1
@@ -556,6 +558,8 @@ class Runner:
             p.unlink(missing_ok=True)
         self.watcher_stop = None
         self._set_control(stop=False, pause=bool(self.paused_by), reason="attempt start")
+        if self.attempts == self._first_attempt:
+            self._restore_oom_backoff(now, resume)
         self.attempts += 1
         number = self.attempts
         plan = L.build_launch(self.job, attempt=number, resume_from=resume.path if resume else None,
@@ -661,6 +665,7 @@ class Runner:
             self._request_stop(now, f"launcher {status.describe()} while ranks still run: asking them to save")
             return
         self._rank_files(a)
+        self._tell_watchers_pids(a)
         paused = self.control.pause or (a.heartbeat or {}).get("state") == "paused"
         if self.state == State.STARTING:
             if now - a.started_at > self.job.watch.startup_timeout_s:
@@ -722,6 +727,11 @@ class Runner:
             self._finish(now, State.EXITED, exit_code_for_stop(saved, self.user_stop),
                          f"stopped on {name}: {how} ({c.kind.value})")
             return
+        if c.kind is ExitKind.OOM:
+            give_up = self._oom_backoff(now, a, reports)
+            if give_up is not None:
+                self._finish(now, State.FATAL, EXIT_GAVE_UP, f"gave up: {give_up}")
+                return
         result = AttemptResult(c.kind, c.detail, new_ckpt, a.max_step)
         self.restart_state, decision = after_exit(self.job.restart, self.restart_state, result, now, self.rand())
         if decision.verdict is Verdict.DONE:
@@ -764,6 +774,83 @@ class Runner:
     def _tick_waiting(self, now: float) -> None:
         if now >= self.backoff_until:
             self._next_attempt(now)
+
+    # -- watchers' view of the attempt, OOM back-off ----------------------------------
+    def _tell_watchers_pids(self, a: Attempt) -> None:
+        """Watchers with an `on_attempt(pids)` hook (the GPU watch: whose GPU processes are
+        the job's) learn the ranks' PIDs whenever that set changes."""
+        pids = sorted(a.rank_pids.values())
+        if pids == self._watched_pids:
+            return
+        self._watched_pids = pids
+        for w in self.watchers:
+            hook = getattr(w, "on_attempt", None)
+            if hook is None:
+                continue
+            try:
+                hook(pids)
+            except Exception:  # noqa: BLE001
+                log.exception("watcher %s failed in on_attempt", w.name)
+
+    def _oom_backoff(self, now: float, a: Attempt, reports: list[dict[str, Any]]) -> str | None:
+        """After an out-of-memory exit: the next attempts run a smaller micro-batch with more
+        gradient accumulation (the same effective batch), via TRAINSUP_MICRO_BATCH/GRAD_ACCUM;
+        they resume from the newest checkpoint as after any failure. Returns the reason to give
+        up when no smaller micro-batch >= [gpu] oom_min_micro_batch keeps the effective batch."""
+        cfg = self.job.sections.get("gpu") or GpuConfig()
+        if not cfg.oom_recovery:
+            return None
+        shape = _batch_shape([r for r in reports if r.get("kind") == "oom"] + reports + [a.heartbeat or {}])
+        if shape is None:
+            why = ("the ranks did not report their micro-batch (build the TrainSession with micro_batch=...): "
+                   "restarting with the same batch")
+            self.events.append("oom_backoff", now, attempt=a.number, changed=False, reason=why)
+            log.warning("out of memory, but %s", why)
+            return None
+        micro, accum = shape
+        smaller = next_batch_shape(micro, accum, cfg.oom_min_micro_batch)
+        if smaller is None:
+            reason = oom_give_up_reason(micro, accum, cfg.oom_min_micro_batch)
+            self.events.append("oom_give_up", now, attempt=a.number, micro_batch=micro, grad_accum=accum,
+                               reason=reason)
+            return reason
+        new_micro, new_accum = smaller
+        self.launch_env[runfiles.ENV_MICRO_BATCH] = str(new_micro)
+        self.launch_env[runfiles.ENV_GRAD_ACCUM] = str(new_accum)
+        reason = (f"out of memory at micro-batch {micro} x {accum} accumulation: next attempts run "
+                  f"{new_micro} x {new_accum} (effective batch per rank {micro * accum}, unchanged)")
+        self.events.append("oom_backoff", now, attempt=a.number, changed=True, reason=reason,
+                           old={"micro_batch": micro, "grad_accum": accum},
+                           new={"micro_batch": new_micro, "grad_accum": new_accum},
+                           effective_batch_per_rank=micro * accum)
+        log.warning("%s", reason)
+        # A new batch shape is a new try, not a repeat of the failure: no growing backoff, and
+        # the no-progress count starts over (the floor bounds the chain of shrinks).
+        self.restart_state = replace(self.restart_state, failures_in_a_row=0, no_progress_in_a_row=0)
+        return None
+
+    def _restore_oom_backoff(self, now: float, resume: Checkpoint | None) -> None:
+        """An earlier supervisor of this run dir shrank the batch and the checkpoint we resume
+        from was written with that shape: keep it (else the first attempt runs out of memory
+        again). Anything else (a fresh start, another shape) starts from the script's values."""
+        if resume is None or runfiles.ENV_MICRO_BATCH in self.launch_env:
+            return
+        from supervisor.events import read_events
+
+        last = None
+        for e in read_events(self.paths.events):
+            if e.get("event") == "oom_backoff" and isinstance(e.get("new"), dict):
+                last = e["new"]
+        shape = _batch_shape([last or {}])
+        m = resume.manifest or {}
+        if shape is None or (m.get("micro_batch"), m.get("grad_accum")) != shape:
+            return
+        self.launch_env[runfiles.ENV_MICRO_BATCH] = str(shape[0])
+        self.launch_env[runfiles.ENV_GRAD_ACCUM] = str(shape[1])
+        self.events.append("oom_backoff_restored", now, new={"micro_batch": shape[0], "grad_accum": shape[1]},
+                           checkpoint=str(resume.path))
+        log.info("keeping the OOM back-off of an earlier run: micro-batch %d x %d accumulation (%s was saved so)",
+                 shape[0], shape[1], resume.path.name)
 
     # -- output -----------------------------------------------------------------
     def _echo_output(self, final: bool = False) -> None:
@@ -822,6 +909,7 @@ class Runner:
             "exit_reason": self.exit_reason or None,
             "last_event": self.events.last if self.events else None,
             "watchers": {w.name: _safe_status(w) for w in self.watchers},
+            "launch_env": dict(self.launch_env) or None,  # e.g. the OOM back-off's batch shape
         }
 
     def _write_supervisor_json(self, now: float, force: bool = False) -> None:
@@ -832,6 +920,17 @@ class Runner:
             runfiles.write_json_atomic(self.paths.supervisor, self.snapshot(now), durable=False)
         except (OSError, ValueError) as e:
             log.warning("cannot write supervisor.json: %s", e)
+
+
+def _batch_shape(sources: Iterable[Any]) -> tuple[int, int] | None:
+    """The first (micro_batch, grad_accum) of positive ints among dicts (exit reports, heartbeat)."""
+    for src in sources:
+        if not isinstance(src, dict):
+            continue
+        micro, accum = src.get("micro_batch"), src.get("grad_accum")
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (micro, accum)):
+            return micro, accum
+    return None
 
 
 def _safe_status(w: Watcher) -> dict[str, Any]:

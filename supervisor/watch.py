@@ -12,6 +12,8 @@ Contract for implementations:
   battery with action "stop", system going to sleep), or None.
 - `status` is a JSON-able dict merged into `supervisor.json` under the watcher's
   `name`, shown by `trainsup status`.
+- optional `on_attempt(pids)`: the current attempt's rank PIDs, called each time
+  that set changes (the GPU watch uses it to tell the job's GPU processes apart).
 """
 
 from __future__ import annotations
