@@ -70,7 +70,8 @@ def gpu_section(tmp: Path, points: list[dict], **over) -> dict:
 
 def point(t_s: float, temp_c: float, vram_gib: float = 1.0) -> dict:
     return {"t_s": t_s, "temp_c": temp_c, "vram_used_bytes": int(vram_gib * GIB), "vram_total_bytes": 4 * GIB,
-            "power_w": 50.0, "power_limit_w": 80.0}
+            "power_w": 50.0, "power_limit_w": 80.0,
+            "processes": [{"pid": 1, "used_bytes": GIB // 2}]}  # not a rank: filtered out of the job's view
 
 
 def sample_status(run_dir: Path) -> tuple[int, str] | None:
@@ -141,6 +142,7 @@ def test_temperature_ramp_pauses_and_resumes_without_flapping_and_vram_warns_onc
                         10, "supervisor.json paused_by gpu")
     assert sup_json["watchers"]["gpu"]["thermal"] == "paused"
     assert sup_json["watchers"]["gpu"]["gpus"][0]["temp_c"] >= 80
+    assert sup_json["watchers"]["gpu"]["gpus"][0]["processes"] == []  # the runner told it the rank PIDs
     wait_for(hot_samples, 30, "thermal_resume", interval=0.05)
     assert len(paused) >= 10, paused  # ~2.8 s paused, sampled every 50 ms
     assert len(set(paused)) == 1, f"steps advanced while paused: {sorted(set(paused))}"
