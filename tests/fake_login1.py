@@ -90,7 +90,9 @@ class Lock:
     mode: str
     read_fd: int
     taken_at: float
-    released_at: float | None = None
+    released_at: float | None = None  # time.monotonic() when logind saw the fd close
+    released_wall: float | None = None  # time.time() of the same moment (compare with manifests)
+    seen_at_release: object = None  # what on_release returned for this lock
 
     @property
     def held(self) -> bool:
@@ -100,9 +102,14 @@ class Lock:
 class FakeLogind:
     """org.freedesktop.login1 on `bus_address`, served from a thread."""
 
-    def __init__(self, bus_address: str, delay_max_usec: int = 5_000_000, deny_inhibit: bool = False) -> None:
+    def __init__(self, bus_address: str, delay_max_usec: int = 5_000_000, deny_inhibit: bool = False,
+                 on_release=None) -> None:
+        """`on_release(lock)`, if given, runs in the serving thread the moment a lock's fd reaches
+        EOF, before the lock counts as released; its result is kept in `lock.seen_at_release`
+        (a test looks at the checkpoints dir there: was the commit already on disk?)."""
         self.delay_max_usec = delay_max_usec
         self.deny_inhibit = deny_inhibit
+        self.on_release = on_release
         self.conn = open_dbus_connection(bus=bus_address, enable_fds=True)
         reply = Proxy(message_bus, self.conn, timeout=5).RequestName(LOGIN1, 0)
         assert reply == (1,), f"could not own {LOGIN1}: {reply}"  # 1 = primary owner
@@ -177,12 +184,13 @@ class FakeLogind:
                 readable, _, _ = select.select([sock, self._wake_r, *watched], [], [], 1.0)
             except (OSError, ValueError):
                 return
-            now = time.monotonic()
+            now, wall = time.monotonic(), time.time()
             for fd in readable:
                 if fd in watched and not os.read(fd, 1):  # EOF: every copy of the write end closed
+                    seen = self.on_release(watched[fd]) if self.on_release is not None else None
                     with self._changed:
                         lk = watched[fd]
-                        lk.released_at = now
+                        lk.released_at, lk.released_wall, lk.seen_at_release = now, wall, seen
                         os.close(fd)
                         lk.read_fd = -1
                         self._changed.notify_all()
