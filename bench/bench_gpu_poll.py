@@ -10,15 +10,22 @@ Prints:
    against an in-memory stand-in for pynvml (no driver here: the driver's own time is
    not in this number);
 3. CPU use of a threaded watcher polled at 1 s for --seconds: process CPU time / wall
-   time, in % of one core (target: under 1%).
+   time, in % of one core (target: under 1%);
+4. the supervisor's own CPU during a real `trainsup run` (fake rank under accelerate
+   launch, loop tick 1 s) with [gpu] off and with the fake GPU watcher at a 1 s poll,
+   measured in the same run of this script (--supervise-s each; 0 skips it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -133,15 +140,54 @@ def bench_cpu(seconds: float, gpus: int) -> None:
               f"{cpu * 1000:.1f} ms CPU = {100 * cpu / wall:.3f}% of one core")
 
 
+def bench_supervisor_cpu(seconds: float) -> None:
+    import psutil
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tests"))
+    from supervisor_helpers import CLI, env, write_job
+
+    results = {}
+    for label, gpu in (("[gpu] enabled = false", {"enabled": False}),
+                       ("fake GPU watcher, poll_interval_s = 1", {"backend": "fake", "fake_script": "gpu.json",
+                                                                  "poll_interval_s": 1.0})):
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            (tmp / "gpu.json").write_text(json.dumps([
+                {"t_s": t, "temp_c": 60 + t % 20, "vram_used_bytes": GIB, "vram_total_bytes": 4 * GIB,
+                 "power_w": 50.0, "power_limit_w": 80.0} for t in range(0, 600, 5)]))
+            steps = int((seconds + 30) / 0.05)
+            job = write_job(tmp, ["--steps", str(steps), "--step-time", "0.05", "--heartbeat-s", "1.0"],
+                            watch={"poll_interval_s": 1.0}, gpu=gpu)
+            proc = subprocess.Popen([*CLI, "run", str(job)], env=env(), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, cwd=repo)
+            p = psutil.Process(proc.pid)
+            time.sleep(4.0)  # past start-up (imports, launcher spawn)
+            c0, t0 = sum(p.cpu_times()[:2]), time.monotonic()
+            time.sleep(seconds)
+            c1, t1 = sum(p.cpu_times()[:2]), time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            results[label] = 100 * (c1 - c0) / (t1 - t0)
+            print(f"supervisor CPU during a real run, {label}: {results[label]:.3f}% of one core "
+                  f"over {t1 - t0:.1f} s (target < 1%)")
+    a, b = results.values()
+    print(f"  the GPU watcher adds {b - a:+.3f} percentage points "
+          f"(load average {__import__('os').getloadavg()[0]:.2f}: other work skews this)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--supervise-s", type=float, default=20.0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the "monitoring is off" warning would repeat per attempt
     bench_fake_poll(args.gpus)
     bench_nvml_path()
     bench_cpu(args.seconds, args.gpus)
+    if args.supervise_s > 0:
+        bench_supervisor_cpu(args.supervise_s)
 
 
 if __name__ == "__main__":
