@@ -1,0 +1,241 @@
+"""The default GPT job's training script: real processes end to end, and bad input.
+
+End to end (slow): the shipped examples/gpt/job.toml, shortened with --set (tiny model, a
+~180 KB corpus of a few stdlib files, 120 steps over ~2 epochs, bf16 as in the job), through
+`trainsup run` with accelerate launch and 1 CPU process. One run is stopped by SIGTERM to the
+supervisor mid-epoch and run again; its final checkpoint must equal an uninterrupted run's bit
+for bit, and its val loss must have fallen below the step-0 value.
+
+Bad input (fast): train.py run plainly must exit 2 with a one-line error before training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from supervisor_helpers import CLI, REPO, env, events, kill_run, read_json, run_processes, wait_for
+from train_core.store import CheckpointStore
+
+TRAIN = REPO / "examples" / "gpt" / "train.py"
+JOB = REPO / "examples" / "gpt" / "job.toml"
+LAPTOP_JOB = REPO / "examples" / "gpt" / "job-laptop-gpu.toml"
+CORPUS_FILES = ("argparse.py", "textwrap.py", "shlex.py", "heapq.py", "calendar.py")  # ~180 KB
+MAX_STEPS = 120
+
+
+def short_args(corpus: Path, cache: Path) -> list[str]:
+    # ~55 optimizer steps per epoch (micro-batch 8 x accum 2 of 64 tokens): 120 steps cross two
+    # epoch boundaries. Dropout on, so the RNG state must come back exactly on resume.
+    return ["--corpus", str(corpus), "--cache-dir", str(cache), "--vocab-size", "512", "--block-size", "64",
+            "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--dropout", "0.1",
+            "--micro-batch", "8", "--grad-accum", "2", "--max-steps", str(MAX_STEPS), "--warmup-steps", "10",
+            "--eval-every", "40", "--eval-batches", "4", "--save-every", "50", "--sample-tokens", "16"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in CORPUS_FILES:
+        shutil.copy(stdlib / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_job(run_dir: Path, args: list[str], log: Path) -> subprocess.Popen:
+    """`trainsup run` on the shipped job file, shortened by --set; its own session (a
+    scheduler's SIGTERM reaches the supervisor only)."""
+    sets = ["--set", f"train.args={json.dumps(args)}", "--set", "restart.backoff_initial_s=0.2",
+            "--set", "watch.poll_interval_s=0.1"]
+    return subprocess.Popen([*CLI, "run", str(JOB), "--run-dir", str(run_dir), *sets], env=env(),
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def final_checkpoint(run_dir: Path):
+    ckpt = CheckpointStore(run_dir / "checkpoints").latest_valid(full=True)
+    assert ckpt is not None and ckpt.step == MAX_STEPS and ckpt.reason == "final", ckpt
+    return ckpt
+
+
+def file_hashes(ckpt) -> dict[str, str]:
+    """sha256 of every file of the checkpoint, from its manifest (checked against the files above)."""
+    return {f["path"]: f["sha256"] for f in ckpt.manifest["files"]}
+
+
+def val_losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["val_loss"] for rec in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, cache, tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("uninterrupted")
+    run_dir = d / "run"
+    try:
+        proc = run_job(run_dir, short_args(corpus, cache), d / "sup.log")
+        assert finish(proc) == 0, (d / "sup.log").read_text()[-4000:]
+    finally:
+        kill_run(run_dir)
+    return {"run_dir": run_dir, "hashes": file_hashes(final_checkpoint(run_dir)), "log": d / "sup.log"}
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, corpus, cache, uninterrupted):
+    run_dir = tmp_path / "run"
+    args = short_args(corpus, cache)
+    try:
+        sup = run_job(run_dir, args, tmp_path / "sup1.log")
+        # a heartbeat from a training step > 0: the model, optimizer and EMA all have state to lose
+        wait_for(lambda: (read_json(run_dir / "status.json") or {}).get("step", 0) > 0, 90, "a step > 0")
+        os.kill(sup.pid, signal.SIGTERM)
+        assert finish(sup) == 75, (tmp_path / "sup1.log").read_text()[-4000:]
+        assert run_processes(run_dir) == []
+        stop = CheckpointStore(run_dir / "checkpoints").latest_valid(full=True)
+        assert stop is not None and stop.reason == "preempt", stop
+        assert 0 < stop.step < MAX_STEPS
+        assert stop.manifest["batch_in_epoch"] > 0, stop.manifest  # mid-epoch, not at a boundary
+
+        sup2 = run_job(run_dir, args, tmp_path / "sup2.log")
+        assert finish(sup2) == 0, (tmp_path / "sup2.log").read_text()[-4000:]
+    finally:
+        kill_run(run_dir)
+    out = (tmp_path / "sup2.log").read_text()
+    assert f"resumed at step {stop.step} (epoch 0, batch {stop.manifest['batch_in_epoch']})" in out
+    starts = [e for e in events(run_dir) if e["event"] == "state" and e["to"] == "starting"]
+    assert [s.get("resume_from") for s in starts] == [None, str(stop.path)]
+
+    # The model, optimizer, EMA, LR schedule, RNG states and position: bit for bit.
+    hashes = file_hashes(final_checkpoint(run_dir))
+    assert "model.safetensors" in hashes and "optimizer.bin" in hashes
+    assert hashes == uninterrupted["hashes"]
+    assert (run_dir / "sample.txt").read_text() == (uninterrupted["run_dir"] / "sample.txt").read_text()
+
+    losses = val_losses(run_dir)
+    assert set(losses) == {0, 40, 80, 120}, losses
+    assert losses[MAX_STEPS] < losses[0] - 0.5, losses  # from ~ln(512) = 6.2: clearly learning
+    assert losses == val_losses(uninterrupted["run_dir"])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def run_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINSUP_", "ACCELERATE_"))}
+    e["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, str(TRAIN), "--run-dir", str(tmp_path / "run"), *args], env=e,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def assert_usage_error(tmp_path: Path, proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 2, exactly one error line (no traceback) holding every fragment, nothing trained."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error: ")]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert not (tmp_path / "run").exists()  # no session started: no checkpoint, no status
+    return errors[0]
+
+
+def test_corpus_path_missing(tmp_path, cache):
+    proc = run_train(tmp_path, "--corpus", "no/such/folder", "--cache-dir", str(cache))
+    assert_usage_error(tmp_path, proc, f"corpus path {tmp_path / 'no/such/folder'} does not exist",
+                       "pass an existing text file or folder")
+
+
+@pytest.mark.parametrize("contents", [{}, {"a.bin": b"\x00\x01\x02" * 100, "b.png": b"\x89PNG\r\n\x1a\n\x00"}],
+                         ids=["empty-folder", "binary-files-only"])
+def test_corpus_without_text(tmp_path, cache, contents):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name, data in contents.items():
+        (folder / name).write_bytes(data)
+    proc = run_train(tmp_path, "--corpus", str(folder), "--cache-dir", str(cache))
+    assert_usage_error(tmp_path, proc, f"corpus folder {folder} holds no text files", "name a folder of text files")
+
+
+def test_vocab_size_the_tokenizer_cannot_reach(tmp_path, corpus, cache):
+    proc = run_train(tmp_path, "--corpus", str(corpus), "--cache-dir", str(cache), "--vocab-size", "60000")
+    line = assert_usage_error(tmp_path, proc, "fewer than vocab_size=60000", "lower vocab_size to <=")
+    reached = int(line.split("reached only ")[1].split()[0])
+    assert 257 <= reached < 60000
+
+
+def test_vocab_size_below_the_byte_alphabet(tmp_path, corpus, cache):
+    proc = run_train(tmp_path, "--corpus", str(corpus), "--cache-dir", str(cache), "--vocab-size", "200")
+    assert_usage_error(tmp_path, proc, "vocab_size=200 is below the 257 tokens", "use vocab_size >= 257")
+
+
+def test_block_size_larger_than_the_train_split(tmp_path, corpus, cache):
+    proc = run_train(tmp_path, "--corpus", str(corpus), "--cache-dir", str(cache), "--vocab-size", "512",
+                     "--block-size", "10000000")
+    assert_usage_error(tmp_path, proc, "block size larger than the data: --block-size 10000000 needs 10000001 "
+                       "tokens but the train split holds", "use --block-size <=")
+
+
+def test_block_size_larger_than_the_val_split(tmp_path, corpus, cache):
+    from examples.gpt.data import prepare_data
+
+    data = prepare_data(corpus, cache, vocab_size=512, val_fraction=0.01, max_corpus_bytes=4_000_000)
+    block = data.n_val_tokens + 10
+    assert block + 1 < data.n_train_tokens  # fits the train split, not the val split
+    proc = run_train(tmp_path, "--corpus", str(corpus), "--cache-dir", str(cache), "--vocab-size", "512",
+                     "--val-fraction", "0.01", "--block-size", str(block))
+    assert_usage_error(tmp_path, proc, f"the val split holds {data.n_val_tokens}",
+                       f"use --block-size <= {data.n_val_tokens - 1} or a larger --val-fraction")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--n-embd", "100", "--n-head", "3"], "[model] n_embd must be a multiple of n_head"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--micro-batch", "0"], "--micro-batch must be >= 1"),
+    (["--lr-decay-steps", "10", "--warmup-steps", "20"], "--lr-decay-steps (10) must be larger than --warmup-steps"),
+])
+def test_bad_hyperparameters_fail_before_the_data(tmp_path, args, fragment):
+    proc = run_train(tmp_path, "--corpus", str(tmp_path / "never-read"), *args)
+    assert_usage_error(tmp_path, proc, fragment)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_job_files_validate():
+    for job in (JOB, LAPTOP_JOB):
+        r = subprocess.run([*CLI, "validate", str(job)], env=env(), capture_output=True, text=True, cwd=REPO,
+                           timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"script:     {TRAIN}" in r.stdout
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    from examples.gpt.train import get_lr
+
+    lr = lambda step: get_lr(step, lr=1.0, min_lr=0.1, warmup_steps=9, decay_steps=109)  # noqa: E731
+    assert [round(lr(s), 6) for s in (0, 4, 8)] == [0.1, 0.5, 0.9]  # linear warmup, never 0
+    assert lr(9) == pytest.approx(1.0)  # the peak, where the cosine starts
+    assert lr(59) == pytest.approx(0.55)  # half way: the mean of lr and min_lr
+    assert lr(109) == pytest.approx(0.1) and lr(500) == 0.1  # then flat at min_lr
+    steps = [lr(s) for s in range(9, 110)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))
