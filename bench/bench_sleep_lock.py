@@ -1,112 +1,191 @@
-"""Time from PrepareForSleep(true) to the release of the logind delay lock.
+"""Time from PrepareForSleep(true) to the release of the logind delay lock, end to end.
 
-Real parts: a private dbus-daemon, the fake org.freedesktop.login1 from
-tests/fake_login1.py (it timestamps the moment the lock fd reaches EOF, as logind
-would see it), and the real LogindWatcher with its D-Bus thread.
-Simulated parts: the supervisor loop (polls every --poll-s), the ranks (they
-reach the next step boundary within --step-s and commit in --commit-s), and the
-supervisor noticing the commit at its next tick. Replace them with the real
-runner and the demo model for the number that matters; this harness already
-gives the floor (D-Bus + thread overhead) and the budget picture.
+Everything is real except logind itself: a private dbus-daemon; the fake
+org.freedesktop.login1 of tests/fake_login1.py (it timestamps the moment the lock fd
+reaches EOF, which is what logind waits for); `trainsup run` (LogindWatcher, the runner
+loop at the default [watch] poll_interval_s = 0.5 s, control.json); `accelerate launch`
+with one rank training the demo GPT at the default tiny job's shape
+(bench/sleep_lock_gpt_train.py: 4 x 128, vocab 4096, micro-batch 16 x 2, bf16, AdamW + EMA)
+through TrainSession, with its atomic, fsynced commit.
 
-    PYTHONPATH=. python bench/bench_sleep_lock.py --trials 10 --step-s 0.127 --commit-s 0.2
+Each trial waits a random fraction of a step (the request lands anywhere in a step), sends
+PrepareForSleep(true), waits for the release, sends PrepareForSleep(false), and waits for
+the lock to be taken again and two more steps. Per trial, on one wall clock:
+  signal -> supervisor acts (events.jsonl prepare_for_sleep; the tick's time)
+         -> commit begins (manifest created_at)
+         -> supervisor sees the commit (events.jsonl checkpoint)
+         -> lock released (fake logind)
+
+    PYTHONPATH=. python bench/bench_sleep_lock.py --trials 7
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 from fake_login1 import FakeLogind, PrivateBus  # noqa: E402
 
-from supervisor.logind import LogindConfig, LogindWatcher  # noqa: E402
-from supervisor.watch import Action  # noqa: E402
+from train_core.store import CheckpointStore  # noqa: E402
+
+JOB = """run_dir = "{run_dir}"
+[train]
+script = "{script}"
+args = {args}
+env = {{ OMP_NUM_THREADS = "2" }}
+[launch]
+launcher = "accelerate"
+num_processes = 1
+cpu = true
+mixed_precision = "{precision}"
+[retention]
+keep_last = 2
+[stop]
+grace_s = 30.0
+"""
 
 
-def one_cycle(fake: FakeLogind, w: LogindWatcher, step: int, poll_s: float, step_s: float,
-              commit_s: float, rng: random.Random, wake: threading.Event | None = None) -> tuple[float, float]:
-    """Returns (release latency, the part that was not simulated work)."""
-    # The loop's tick is not aligned with the signal: start at a random phase.
-    time.sleep(rng.uniform(0, poll_s))
-    t0 = fake.prepare_for_sleep(True)
-    while True:  # the supervisor loop
-        decisions = w.poll(time.monotonic())
-        if any(d.action is Action.SAVE for d in decisions):
-            break
-        if wake is None:
-            time.sleep(poll_s)
-        else:  # a loop that sleeps on an Event the watcher sets (LogindWatcher(wakeup=ev.set))
-            wake.wait(poll_s)
-            wake.clear()
-    # ranks: finish the current step (uniform position inside it), then commit
-    work = rng.uniform(0, step_s) + commit_s
-    time.sleep(work)
-    # the supervisor sees the new checkpoint at its next tick
-    time.sleep(rng.uniform(0, poll_s))
-    w.on_checkpoint(step, time.monotonic())
-    if not fake.wait_for(lambda f: not f.held_locks(), 10):
-        raise RuntimeError("lock not released")
-    latency = fake.locks[-1].released_at - t0
-    fake.prepare_for_sleep(False)
-    if not fake.wait_for(lambda f: len(f.held_locks()) == 1, 5):
-        raise RuntimeError("lock not re-taken after wake-up")
-    w.poll(time.monotonic())  # drain the NOTE
-    return latency, latency - work
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def events(run_dir: Path) -> list[dict]:
+    try:
+        return [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines() if x.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_for(pred, timeout_s: float, what: str, proc: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        if proc.poll() is not None:
+            raise RuntimeError(f"trainsup exited {proc.returncode} while waiting for {what}:\n"
+                               + log.read_text()[-3000:])
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out waiting for {what}:\n" + log.read_text()[-3000:])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--poll-s", type=float, default=0.5, help="supervisor loop tick ([watch] poll_interval_s)")
-    ap.add_argument("--step-s", type=float, default=0.127, help="one optimizer step (facts.md: 1.9M GPT, 127 ms)")
-    ap.add_argument("--commit-s", type=float, default=0.2, help="save_state + fsync + manifest (facts.md: ~0.2 s)")
+    ap.add_argument("--trials", type=int, default=7)
     ap.add_argument("--delay-max-s", type=float, default=5.0, help="logind InhibitDelayMaxSec")
+    ap.add_argument("--precision", default="bf16", choices=("no", "bf16"))
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     rng = random.Random(a.seed)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        bus = PrivateBus(Path(tmp))
-        fake = FakeLogind(bus.address, delay_max_usec=int(a.delay_max_s * 1e6))
-        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
-        t = time.monotonic()
-        wake = threading.Event()
-        w = LogindWatcher(LogindConfig(), wakeup=wake.set)
-        assert w.wait_ready(5) and fake.wait_for(lambda f: len(f.held_locks()) == 1)
-        connect_s = time.monotonic() - t
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        run_dir = tmp / "run"
+        ckpts = run_dir / "checkpoints"
+        job = tmp / "job.toml"
+        job.write_text(JOB.format(run_dir=run_dir, script=REPO / "bench" / "sleep_lock_gpt_train.py",
+                                  args=json.dumps([]), precision=a.precision))
+        bus = PrivateBus(tmp / "bus")
+        # What logind would find on disk at the instant the lock goes.
+        fake = FakeLogind(bus.address, delay_max_usec=int(a.delay_max_s * 1e6),
+                          on_release=lambda lock: max((c.step for c in CheckpointStore(ckpts).scan() if c.valid),
+                                                      default=-1))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "DBUS_SYSTEM_BUS_ADDRESS": bus.address}
+        log = tmp / "sup.log"
+        proc = subprocess.Popen([sys.executable, "-c", "from supervisor.cli import main; main()", "run", str(job)],
+                                env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        rows = []
         try:
-            # floor: commit reported as soon as the decision is seen, loop polling fast
-            floor = [one_cycle(fake, w, 1000 + i, 0.001, 0.0, 0.0, rng)[0] for i in range(a.trials)]
-            runs = [one_cycle(fake, w, 2000 + i, a.poll_s, a.step_s, a.commit_s, rng) for i in range(a.trials)]
-            woken = [one_cycle(fake, w, 3000 + i, a.poll_s, a.step_s, a.commit_s, rng, wake)
-                     for i in range(a.trials)]
+            def step() -> int:
+                st = read_json(run_dir / "status.json")
+                return st.get("step", -1) if st.get("state") == "training" else -1
+
+            def logind_status() -> dict:
+                return (read_json(run_dir / "supervisor.json").get("watchers") or {}).get("logind") or {}
+
+            wait_for(lambda: len(fake.held_locks()) == 1, 30, "the inhibitor", proc, log)
+            wait_for(lambda: step() >= 3, 120, "step 3", proc, log)
+            tps = read_json(run_dir / "status.json").get("tokens_per_s") or 0
+            step_s = 16 * 2 * 128 / tps if tps else 0.5
+            budget_s = None
+            for i in range(a.trials):
+                time.sleep(rng.uniform(0, step_s))
+                lock = fake.held_locks()[0]
+                before = len(events(run_dir))
+                prev = max((c.step for c in CheckpointStore(ckpts).scan() if c.valid), default=-1)
+                prev_release = logind_status().get("last_release")
+                t_wall = time.time()
+                t0 = fake.prepare_for_sleep(True)
+                if not fake.wait_for(lambda f: not lock.held, 3 * a.delay_max_s):
+                    raise RuntimeError("lock not released:\n" + log.read_text()[-3000:])
+                latency = lock.released_at - t0
+                new = events(run_dir)[before:]
+                acted = next(e["ts"] for e in new if e["event"] == "prepare_for_sleep")
+                seen = next((e for e in new if e["event"] == "checkpoint"), None)
+                ck = wait_for(lambda: next((c for c in CheckpointStore(ckpts).scan() if c.valid and c.step > prev),
+                                           None), 30, "the sleep checkpoint", proc, log)
+                created = dt.datetime.fromisoformat(ck.manifest["created_at"]).timestamp()
+                release = wait_for(lambda: (r := logind_status().get("last_release")) != prev_release and r,
+                                   10, "the release in supervisor.json", proc, log)
+                why = release.get("why", "?")
+                budget_s = logind_status().get("budget_s")
+                rows.append({
+                    "latency": latency, "acted": acted - t_wall, "commit_begins": created - t_wall,
+                    "seen": (seen["ts"] - t_wall) if seen else float("nan"),
+                    "released": lock.released_wall - t_wall, "committed_first": lock.seen_at_release > prev,
+                    "why": why, "step": ck.step})
+                r = rows[-1]
+                ms = lambda k: f"{1e3 * r[k]:5.0f}"  # noqa: E731
+                print(f"trial {i + 1}: released after {1e3 * latency:5.0f} ms | supervisor acts {ms('acted')}, "
+                      f"commit begins {ms('commit_begins')}, supervisor sees it {ms('seen')}, released "
+                      f"{ms('released')} | checkpoint step {ck.step} on disk first: {r['committed_first']} ({why})",
+                      flush=True)
+                fake.prepare_for_sleep(False)
+                if not fake.wait_for(lambda f: len(f.held_locks()) == 1, 10):
+                    raise RuntimeError("lock not re-taken")
+                target = ck.step + 2
+                wait_for(lambda: step() >= target, 60, f"step {target}", proc, log)
         finally:
-            w.close()
+            if proc.poll() is None:
+                proc.terminate()  # SIGTERM: the supervisor saves and stops, as under systemd
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
             fake.stop()
             bus.stop()
 
-    lat = [r[0] for r in runs]
-    overhead = [r[1] for r in runs]
-    budget = w.budget_s
-    ms = lambda xs: f"median {1e3 * statistics.median(xs):7.1f} ms  max {1e3 * max(xs):7.1f} ms"  # noqa: E731
-    print(f"connect + Inhibit + InhibitDelayMaxUSec: {1e3 * connect_s:.1f} ms")
-    print(f"floor (D-Bus signal -> decision -> on_checkpoint -> fd EOF at logind), {a.trials} trials: {ms(floor)}")
-    print(f"PrepareForSleep -> release, poll {a.poll_s} s, step {a.step_s} s, commit {a.commit_s} s, "
-          f"{a.trials} trials: {ms(lat)}")
-    print(f"  of which not step/commit work (polling + D-Bus): {ms(overhead)}")
-    print(f"same, loop woken by the watcher (wakeup=event.set): {ms([r[0] for r in woken])}")
-    print(f"  worst case / budget ({budget:.1f} s = InhibitDelayMaxSec {a.delay_max_s:g} s - margin): "
-          f"{max(lat) / budget:.2f} polled, {max(r[0] for r in woken) / budget:.2f} woken; "
-          f"median polled/woken: {statistics.median(lat) / statistics.median(r[0] for r in woken):.2f}")
-
+    lat = [r["latency"] for r in rows]
+    by_commit = [r for r in rows if r["why"].startswith("checkpoint step")]
+    after_commit = [r["released"] - r["commit_begins"] for r in by_commit]
+    print()
+    print(f"demo GPT step: {1e3 * step_s:.0f} ms ({tps:,.0f} tokens/s, {a.precision}; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs); [watch] poll_interval_s 0.5 (the default)")
+    print(f"PrepareForSleep(true) -> lock released, {len(rows)} trials: median {1e3 * statistics.median(lat):.0f} ms, "
+          f"max {1e3 * max(lat):.0f} ms = {statistics.median(lat) / step_s:.2f} / {max(lat) / step_s:.2f} steps")
+    print(f"  max / InhibitDelayMaxSec {a.delay_max_s:g} s = {max(lat) / a.delay_max_s:.2f}; "
+          f"max / release budget {budget_s} s = {max(lat) / (budget_s or 1):.2f}")
+    if after_commit:
+        print(f"  commit begins -> released (save + commit + the supervisor noticing): median "
+              f"{1e3 * statistics.median(after_commit):.0f} ms, max {1e3 * max(after_commit):.0f} ms")
+    print(f"  released by a commit: {len(by_commit)}/{len(rows)}; by the budget: {len(rows) - len(by_commit)}; "
+          f"checkpoint on disk before the release: {sum(r['committed_first'] for r in rows)}/{len(rows)}")
 
 if __name__ == "__main__":
     main()
