@@ -48,6 +48,8 @@ def gpu_watcher(job: "JobConfig") -> "Watcher | None":
     cfg = job.sections.get("gpu")
     if cfg is None:
         return None
+    if job.launch.cpu and not cfg.fake_script:
+        return None  # a CPU job uses no GPU: no NVML, and no "GPU unmonitored" warning on every run
     base = job.job_file.parent if job.job_file else job.run_dir
     # The child gets CUDA_DEVICE_ORDER=PCI_BUS_ID unless the job sets another (supervisor.launch).
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", **os.environ, **job.train.env}

@@ -95,12 +95,18 @@ class LaunchPlan:
 
 
 def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supervisor_pid: int,
-                 base_env: Mapping[str, str], port: int | None = None) -> LaunchPlan:
-    """The command line and environment of one attempt (pure apart from its arguments)."""
+                 base_env: Mapping[str, str], port: int | None = None,
+                 attempt_env: Mapping[str, str] | None = None) -> LaunchPlan:
+    """The command line and environment of one attempt (pure apart from its arguments).
+
+    `attempt_env` is what the supervisor decided for this attempt (the OOM back-off's
+    TRAINSUP_MICRO_BATCH/GRAD_ACCUM): it wins over [train] env, which would otherwise undo it.
+    """
     lc = job.launch
     paths = runfiles.RunPaths(job.run_dir)
     env = dict(base_env)
     env.update(job.train.env)
+    env.update(attempt_env or {})
     env.setdefault("PYTHONUNBUFFERED", "1")  # rank output reaches the attempt log as it happens
     # CUDA numbers GPUs fastest-first by default, NVML by PCI bus: the same order makes the GPU
     # watch read the GPUs the job really uses (CUDA_VISIBLE_DEVICES=1 means the same card to both).

@@ -563,7 +563,7 @@ class Runner:
         self.attempts += 1
         number = self.attempts
         plan = L.build_launch(self.job, attempt=number, resume_from=resume.path if resume else None,
-                              supervisor_pid=os.getpid(), base_env={**os.environ, **self.launch_env},
+                              supervisor_pid=os.getpid(), base_env=os.environ, attempt_env=self.launch_env,
                               port=L.free_port() if self._multi() else None)
         log_path = self.paths.logs / f"attempt-{number}.log"
         child = L.spawn(plan, log_path, cwd=self.job.job_file.parent if self.job.job_file else None)

@@ -243,6 +243,15 @@ def test_build_launch_cpu_multi_rank_recipe(tmp_path):
     assert "TRAINSUP_RESUME_FROM" not in fresh.env
 
 
+def test_build_launch_attempt_env_wins_over_train_env(tmp_path):
+    """An OOM back-off must not be undone by a micro-batch the user pinned in [train] env."""
+    job = load_job(write_job(tmp_path, []), ['train.env={ TRAINSUP_MICRO_BATCH = "8", OMP_NUM_THREADS = "1" }'])
+    plan = L.build_launch(job, attempt=2, resume_from=None, supervisor_pid=1, base_env={"OMP_NUM_THREADS": "4"},
+                          attempt_env={"TRAINSUP_MICRO_BATCH": "4", "TRAINSUP_GRAD_ACCUM": "2"})
+    assert plan.env["TRAINSUP_MICRO_BATCH"] == "4" and plan.env["TRAINSUP_GRAD_ACCUM"] == "2"
+    assert plan.env["OMP_NUM_THREADS"] == "1"  # [train] env still wins over the supervisor's own env
+
+
 def test_build_launch_single_cpu_and_config_file(tmp_path):
     job = load_job(write_job(tmp_path, [], launch={"num_processes": 1}))
     argv = list(L.build_launch(job, attempt=1, resume_from=None, supervisor_pid=1, base_env={}).argv)
