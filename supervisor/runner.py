@@ -481,11 +481,9 @@ class Runner:
             self.events.append("prune", now, deleted=deleted, kept=sorted(plan.keep))
             log.info("retention: removed step(s) %s", ", ".join(map(str, deleted)))
             self.checkpoints = [c for c in self.checkpoints if c.step not in deleted]
-            try:
-                st = os.stat(self.paths.checkpoints)
-                self._ckpt_stamp = (st.st_mtime_ns, st.st_ino)
-            except FileNotFoundError:
-                pass
+            # Rescan on the next tick rather than take the directory's stamp now: a rank may
+            # have committed since the scan, and that commit must not go unseen.
+            self._ckpt_stamp = None
 
     def _poll_watchers(self, now: float) -> None:
         for w in self.watchers:
