@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -186,8 +187,11 @@ def describe_job(job: JobConfig) -> str:
         f"  retention:  keep_last={job.retention.keep_last} keep_best={job.retention.keep_best} "
         f"({job.retention.best_mode} {job.retention.best_metric}) keep_every={job.retention.keep_every}",
     ]
-    for name in job.sections:
-        lines.append(f"  [{name}]:      configured")
+    for name, cfg in job.sections.items():
+        values = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
+        if name == "gpu" and lc.cpu and not cfg.fake_script:
+            values = "not watched: a CPU job"
+        lines.append(f"  {name + ':':<11} {values}")
     return "\n".join(lines)
 
 

@@ -299,6 +299,8 @@ def test_validate_ok_and_bad(tmp_path):
     job = write_job(tmp_path, ["--steps", "5"])
     r = CliRunner().invoke(main, ["validate", str(job)])
     assert r.exit_code == 0 and r.output.startswith(f"{job}: OK\n  script:     ")
+    assert "\n  gpu:        not watched: a CPU job\n" in r.output  # write_job's jobs run on the CPU
+    assert "\n  power:      enabled=True, on_battery=continue, min_percent=10.0," in r.output
     r = CliRunner().invoke(main, ["validate", str(job), "--set", "stop.grace_s=-1"])
     assert r.exit_code == 2
     assert r.output == "Error: job.toml: [stop] grace_s must be > 0.0 (time for ranks to save), got -1\n"
