@@ -265,6 +265,18 @@ def test_control_json_pause_request_stop_and_stop_right_after_resume(tmp_path, r
     assert code == 0 and final_hash(d) == final_hash(reference)
 
 
+def test_control_json_is_seen_at_the_next_step_boundary(tmp_path):
+    """The loop reads control.json at every boundary: no waiting for the watcher thread's poll."""
+    paths = RunPaths(tmp_path)
+
+    def on_micro(n, session, x):
+        if n == 4:  # in optimizer step 2 (grad_accum 3)
+            write_control(paths.control, Control(save_seq=1, stop=True, reason="test"))
+
+    code, rep = run(tmp_path, "--steps", "24", on_micro=on_micro)
+    assert code == 75 and rep["step"] == 2
+
+
 def test_second_request_while_saving_is_ignored(tmp_path, monkeypatch):
     real_commit = CheckpointStore.commit
 

@@ -71,6 +71,7 @@ class RankWatcher:
         # A save_seq already there at startup is an old request: never replay it.
         self.control = ControlState(read_control(paths.control).save_seq)
         self._write_lock = threading.Lock()
+        self._control_lock = threading.Lock()
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trainsup-watcher", daemon=True)
         self._control_mtime_ns: int | None = None
@@ -84,7 +85,13 @@ class RankWatcher:
             self._thread.join(timeout=5)
 
     def poll_control(self) -> None:
-        """Read control.json when it changed; safe to call from the loop too (pause waits)."""
+        """Read control.json when it changed (one stat when it did not). The thread calls it, and
+        the training loop at every step boundary, so a request is seen at the next step, not up
+        to control_poll_s later (logind gives a sleep only ~5 s)."""
+        with self._control_lock:
+            self._poll_control()
+
+    def _poll_control(self) -> None:
         try:
             mtime = os.stat(self.paths.control).st_mtime_ns
         except FileNotFoundError:

@@ -526,6 +526,10 @@ class TrainSession:
     # ------------------------------------------------------------------ agreement
     def _agree(self) -> tuple[bool, bool, int]:
         """[stop, pause, save_seq], MAX over ranks: every rank gets the same answer at the same step."""
+        try:
+            self.watcher.poll_control()
+        except Exception as e:  # noqa: BLE001 - the watcher thread reads it again soon
+            log.warning("could not read %s: %s", self.paths.control, e)
         local = [int(self.flag.is_set()), int(self.watcher.control.pause), int(self.watcher.control.save_seq)]
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
             t = torch.tensor(local, dtype=torch.int64, device=self.accelerator.device)
