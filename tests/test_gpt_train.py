@@ -114,14 +114,16 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, corpus
         stop = CheckpointStore(run_dir / "checkpoints").latest_valid(full=True)
         assert stop is not None and stop.reason == "preempt", stop
         assert 0 < stop.step < MAX_STEPS
-        assert stop.manifest["batch_in_epoch"] > 0, stop.manifest  # mid-epoch, not at a boundary
+        # mid-epoch: the resume must skip the consumed part of the epoch, not start a new one
+        assert stop.manifest["batch_in_epoch"] > 0 and not stop.manifest["epoch_complete"], stop.manifest
 
         sup2 = run_job(run_dir, args, tmp_path / "sup2.log")
         assert finish(sup2) == 0, (tmp_path / "sup2.log").read_text()[-4000:]
     finally:
         kill_run(run_dir)
     out = (tmp_path / "sup2.log").read_text()
-    assert f"resumed at step {stop.step} (epoch 0, batch {stop.manifest['batch_in_epoch']})" in out
+    m = stop.manifest
+    assert f"resumed at step {stop.step} (epoch {m['epoch']}, batch {m['batch_in_epoch']})" in out
     starts = [e for e in events(run_dir) if e["event"] == "state" and e["to"] == "starting"]
     assert [s.get("resume_from") for s in starts] == [None, str(stop.path)]
 
