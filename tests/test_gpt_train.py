@@ -241,3 +241,16 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert lr(109) == pytest.approx(0.1) and lr(500) == 0.1  # then flat at min_lr
     steps = [lr(s) for s in range(9, 110)]
     assert all(a >= b for a, b in zip(steps, steps[1:]))
+
+
+def test_supervisor_batch_override_is_used(tmp_path, corpus, cache):
+    """OOM back-off: TRAINSUP_MICRO_BATCH / TRAINSUP_GRAD_ACCUM win over --micro-batch / --grad-accum."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINSUP_", "ACCELERATE_"))}
+    e.update(OMP_NUM_THREADS="1", TRAINSUP_MICRO_BATCH="4", TRAINSUP_GRAD_ACCUM="4")
+    args = short_args(corpus, cache) + ["--max-steps", "2", "--eval-every", "0", "--sample-tokens", "0"]
+    proc = subprocess.run([sys.executable, str(TRAIN), "--run-dir", str(tmp_path / "run"), *args], env=e,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1,024 tokens/step (micro-batch 4 x accum 4 x 1 rank(s))" in proc.stdout
+    ckpt = CheckpointStore(tmp_path / "run" / "checkpoints").latest_valid()
+    assert (ckpt.step, ckpt.manifest["micro_batch"], ckpt.manifest["grad_accum"]) == (2, 4, 4)
