@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     # (scaler.pt): nothing to register for it.
 
     main_rank = accelerator.is_main_process
-    n_eval_blocks = min(len(val_set), args.eval_batches * session.micro_batch)
+    # the script's micro-batch, not session.micro_batch: an OOM back-off must not change what
+    # val_loss is measured on (the best checkpoint compares values across attempts)
+    n_eval_blocks = min(len(val_set), args.eval_batches * args.micro_batch)
     tokens_per_step = session.micro_batch * session.grad_accum * args.block_size * ranks
     metrics_path = session.paths.run_dir / "metrics.jsonl"
     if main_rank:
