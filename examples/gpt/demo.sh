@@ -28,7 +28,7 @@ if ! "$PY" -c "import supervisor.cli, train_core, accelerate, tokenizers, tqdm" 
 fi
 
 # `trainsup`, through this interpreter: a `trainsup` on PATH may belong to another Python.
-trainsup() { "$PY" -c 'from supervisor.cli import main; main(prog_name="trainsup")' "$@"; }
+trainsup() { "$PY" -m supervisor "$@"; }
 
 say "trainsup run $JOB   (Ctrl-C saves and stops; run this script again to resume)"
 start_s=$(date +%s)
