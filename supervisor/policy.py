@@ -21,6 +21,7 @@ class ExitKind(enum.Enum):
     ERROR = "error"  # an exception in a rank, or a non-zero exit without a report
     KILLED = "killed"  # the launcher or a rank died from a signal without saying why
     HUNG = "hung"  # no heartbeat for hang_timeout_s; the supervisor killed it
+    BAD_INPUT = "bad_input"  # the script rejected its input (train_core.runfiles.report_bad_input)
 
 
 FAILURES = frozenset({ExitKind.OOM, ExitKind.RESUME_FAILED, ExitKind.ERROR, ExitKind.KILLED, ExitKind.HUNG})
@@ -60,7 +61,7 @@ class Classification:
     checkpoint: str | None = None  # resume_failed: the checkpoint that failed to load
 
 
-_PRIORITY = ("resume_failed", "oom", "error")
+_PRIORITY = ("bad_input", "resume_failed", "oom", "error")
 
 
 def classify_exit(
@@ -89,6 +90,8 @@ def classify_exit(
             if kind == "oom":
                 extra = f" (micro_batch={r.get('micro_batch')}, grad_accum={r.get('grad_accum')})"
                 return Classification(ExitKind.OOM, f"{where} ran out of memory{extra}: {detail}")
+            if kind == "bad_input":
+                return Classification(ExitKind.BAD_INPUT, f"the training script rejected its input: {detail}")
             if kind == "resume_failed":
                 ckpt = r.get("checkpoint")
                 return Classification(ExitKind.RESUME_FAILED, f"{where} could not resume from {ckpt}: {detail}",
@@ -149,6 +152,7 @@ class Verdict(enum.Enum):
     DONE = "done"  # finished: exit 0
     RESTART = "restart"
     GIVE_UP = "give_up"  # exit 3
+    BAD_INPUT = "bad_input"  # exit 2: the same input would fail the same way again
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,8 @@ def after_exit(cfg: RestartConfig, state: RestartState, result: AttemptResult, n
     best = max(state.best_step, result.max_step)
     if result.kind is ExitKind.FINISHED:
         return replace(state, best_step=best), Decision(Verdict.DONE, reason="training finished")
+    if result.kind is ExitKind.BAD_INPUT:
+        return replace(state, best_step=best), Decision(Verdict.BAD_INPUT, reason=result.detail)
     if result.kind is ExitKind.SAVED:
         # Stopped by a watcher (power, heat, logind): not a failure, no backoff, no budget.
         return (replace(state, best_step=best, failures_in_a_row=0, no_progress_in_a_row=0),

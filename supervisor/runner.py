@@ -34,7 +34,7 @@ import filelock
 from supervisor import extensions
 from supervisor import launch as L
 from supervisor.config import JobConfig
-from supervisor.errors import EXIT_GAVE_UP, EXIT_INTERNAL, EXIT_OK, LockedError
+from supervisor.errors import EXIT_GAVE_UP, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, LockedError
 from supervisor.events import EventLog
 from supervisor.thermal import GpuConfig, next_batch_shape, oom_give_up_reason
 from supervisor.policy import (
@@ -736,6 +736,8 @@ class Runner:
             self._finish(now, State.EXITED, EXIT_OK, f"training finished at step {a.max_step}")
         elif decision.verdict is Verdict.GIVE_UP:
             self._finish(now, State.FATAL, EXIT_GAVE_UP, f"gave up: {decision.reason}")
+        elif decision.verdict is Verdict.BAD_INPUT:
+            self._finish(now, State.FATAL, EXIT_USAGE, f"not restarting: {decision.reason}")
         else:
             self.backoff_until = now + decision.delay_s
             blocked = self._blocking(now)

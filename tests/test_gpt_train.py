@@ -254,3 +254,18 @@ def test_supervisor_batch_override_is_used(tmp_path, corpus, cache):
     assert "1,024 tokens/step (micro-batch 4 x accum 4 x 1 rank(s))" in proc.stdout
     ckpt = CheckpointStore(tmp_path / "run" / "checkpoints").latest_valid()
     assert (ckpt.step, ckpt.manifest["micro_batch"], ckpt.manifest["grad_accum"]) == (2, 4, 4)
+
+
+def test_bad_input_under_the_supervisor_stops_at_once(tmp_path, cache):
+    """The rank reports bad input: `trainsup run` exits 2 with the script's message, no retry."""
+    run_dir = tmp_path / "run"
+    proc = run_job(run_dir, short_args(tmp_path / "no-corpus", cache), tmp_path / "sup.log")
+    try:
+        assert finish(proc) == 2
+    finally:
+        kill_run(run_dir)
+    out = (tmp_path / "sup.log").read_text()
+    assert f"not restarting: the training script rejected its input: corpus path {tmp_path / 'no-corpus'} " \
+           "does not exist" in out, out[-3000:]
+    exits = [e for e in events(run_dir) if e["event"] == "attempt_exit"]
+    assert [e["kind"] for e in exits] == ["bad_input"]

@@ -46,6 +46,8 @@ def rep(kind, rank=0, **kw):
         ([rep("finished")], LauncherStatus(code=1), ExitKind.ERROR, {"expected_ranks": 2}),
         ([], LauncherStatus(signal=15), ExitKind.KILLED, {"killed_by_supervisor": True}),
         ([rep("finished")], OK, ExitKind.HUNG, {"hung": True}),
+        ([rep("bad_input", detail="no corpus"), rep("error", 1)], LauncherStatus(code=1), ExitKind.BAD_INPUT,
+         {"expected_ranks": 2}),
     ],
 )
 def test_classify(reports, launcher, expected, kw):
@@ -135,6 +137,12 @@ def test_finished_and_saved_are_not_failures(kind, verdict):
     new, d = after_exit(CFG, state, err(kind=kind), 1.0, 0.5)
     assert d.verdict is verdict and d.delay_s == 0.0
     assert new.restart_times == state.restart_times
+
+
+def test_bad_input_is_not_retried():
+    """The same input fails the same way: stop at once (exit 2), whatever budget is left."""
+    new, d = after_exit(CFG, RestartState(), err(kind=ExitKind.BAD_INPUT), 1.0, 0.5)
+    assert d.verdict is Verdict.BAD_INPUT and d.reason == "boom" and new.restart_times == ()
 
 
 def test_zero_restarts_gives_up_at_once():

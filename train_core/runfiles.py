@@ -35,6 +35,24 @@ ENV_CHECKPOINT_INTERVAL_STEPS = "TRAINSUP_CHECKPOINT_INTERVAL_STEPS"  # [checkpo
 # Exit codes of a rank (and of `trainsup run`, design.md).
 EXIT_FINISHED = 0
 EXIT_SAVED = 75  # EX_TEMPFAIL: "saved a checkpoint, stopped on request"
+EXIT_BAD_INPUT = 2  # the script rejected its input (corpus, flags): nothing was trained
+
+
+def report_bad_input(message: str) -> int:
+    """For a script that finds its input unusable before training: under `trainsup run`, write
+    ranks/exit-R.json with kind "bad_input" so the supervisor stops at once with exit 2 and
+    this message (retrying cannot help); run plainly, do nothing. Returns EXIT_BAD_INPUT, the
+    code to exit with. Call it after printing the message."""
+    run_dir = os.environ.get(ENV_RUN_DIR)
+    if run_dir:
+        rank = int(os.environ.get("RANK") or 0)
+        paths = RunPaths(Path(run_dir))
+        paths.ranks.mkdir(parents=True, exist_ok=True)
+        attempt = int(os.environ.get(ENV_ATTEMPT) or 0)
+        write_json_atomic(paths.exit_file(rank), {"rank": rank, "pid": os.getpid(), "attempt": attempt, "kind": "bad_input",
+                                                  "code": EXIT_BAD_INPUT, "step": -1, "detail": message,
+                                                  "finished_at": time.time()})
+    return EXIT_BAD_INPUT
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

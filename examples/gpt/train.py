@@ -41,11 +41,10 @@ from tqdm import tqdm  # noqa: E402
 from examples.gpt.data import DataError, TokenBlockDataset, load_tokenizer, prepare_data  # noqa: E402
 from examples.gpt.model import EMA, GPT, GPTConfig  # noqa: E402
 from train_core import TrainSession  # noqa: E402
+from train_core.runfiles import report_bad_input  # noqa: E402
 
 log = logging.getLogger("examples.gpt.train")
 
-EXIT_USAGE = 2  # bad input: nothing was trained
-ENV_INTERVAL = "TRAINSUP_CHECKPOINT_INTERVAL_STEPS"  # the job's [checkpoint] interval_steps
 
 
 def default_cache_dir() -> str:
@@ -163,8 +162,10 @@ def perplexity(loss: float) -> float:
 
 
 def fail(message: str) -> int:
+    """Bad input: one line, exit 2, nothing trained. Under trainsup the rank's exit report says
+    so too, and the supervisor stops with exit 2 instead of retrying the same input."""
     print(f"train.py: error: {message}", file=sys.stderr, flush=True)
-    return EXIT_USAGE
+    return report_bad_input(message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,10 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         "ema_decay": args.ema_decay,
         "mixed_precision": accelerator.mixed_precision,
     }
-    save_every = int(os.environ.get(ENV_INTERVAL) or 0) or args.save_every
     session = TrainSession(
         accelerator, config=config, seed=args.seed, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
-        max_steps=args.max_steps, save_every_steps=save_every, eval_every_steps=args.eval_every,
+        max_steps=args.max_steps, save_every_steps=args.save_every, eval_every_steps=args.eval_every,
         best_metric="val_loss", allow_changes=args.allow_change, run_dir=args.run_dir,
     )
     if accelerator.device.type == "cuda":
