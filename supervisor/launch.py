@@ -132,7 +132,9 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
     if lc.launcher == "python":
         return LaunchPlan((sys.executable, "-u", *script), env, 1)
 
-    argv: list[str] = [sys.executable, "-m", "accelerate.commands.launch"]
+    # --quiet: no launcher traceback repeating a rank's failure (a rank exiting 75 after a save
+    # would otherwise print a CalledProcessError); the rank's own output and exit report stay.
+    argv: list[str] = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
     use_config = lc.config_file is not None
     if use_config:
         argv += ["--config_file", str(lc.config_file)]

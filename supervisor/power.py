@@ -356,9 +356,7 @@ class PowerWatcher:
         if first:
             log.info("power: %s", self.reading.describe())
         self.state, decisions = decide(self.config, self.state, self.reading)
-        for d in decisions:
-            log.info("power: %s", d.reason)
-        self._pending.extend(decisions)
+        self._pending.extend(decisions)  # the supervisor logs each decision it acts on
 
     def poll(self, now: float) -> list[Decision]:
         self._refresh(now)
