@@ -14,8 +14,6 @@ from train_core import store as store_mod
 from train_core.runfiles import RunPaths
 from train_core.store import Checkpoint, CheckpointStore, StoreError
 
-RUN_DIR_HELP = "RUN_DIR (the directory holding checkpoints/) or JOB.toml (its run_dir is used)"
-
 
 def _is_toml(path: Path) -> bool:
     return path.suffix.lower() == ".toml"

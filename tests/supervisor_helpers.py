@@ -124,3 +124,12 @@ def kill_run(run_dir: Path) -> None:
 
 def final_weights(run_dir: Path, rank: int = 0) -> list[float]:
     return json.loads((run_dir / f"final-weights-{rank}.json").read_text())
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
+    """The exit code of a supervisor process; killed (and the test failed) if it takes longer."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise

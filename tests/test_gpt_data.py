@@ -1,7 +1,6 @@
 """Data preparation of the example GPT job: corpus, tokenizer, token files, cache, dataset."""
 
 import json
-import os
 import pickle
 import random
 import signal

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor_helpers import CLI, REPO, env, events, kill_run, read_json, run_processes, wait_for
+from supervisor_helpers import CLI, REPO, env, events, finish, kill_run, read_json, run_processes, wait_for
 from train_core.store import CheckpointStore
 
 TRAIN = REPO / "examples" / "gpt" / "train.py"
@@ -63,13 +63,6 @@ def run_job(run_dir: Path, args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([*CLI, "run", str(JOB), "--run-dir", str(run_dir), *sets], env=env(),
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
 
-
-def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
 
 
 def final_checkpoint(run_dir: Path):

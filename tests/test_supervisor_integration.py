@@ -9,16 +9,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 import signal
-import subprocess
 import time
 
 import pytest
 
 from supervisor_helpers import (
+    finish,
     events,
     final_weights,
     heartbeat_step,
-    kill_run,
     read_json,
     run_cli,
     run_processes,
@@ -31,25 +30,6 @@ from train_core.store import CheckpointStore
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def cleanup():
-    dirs = []
-    procs = []
-    yield dirs, procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    for d in dirs:
-        kill_run(d)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 60) -> int:
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
 
 
 def kinds(run_dir, event):
