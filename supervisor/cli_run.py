@@ -306,8 +306,24 @@ def format_status(st: dict[str, Any]) -> str:
         if name == "gpu" and isinstance(ws, dict):
             lines += format_gpu_status(ws)
         else:
-            lines.append(f"watcher {name}: {json.dumps(ws, sort_keys=True)}")
+            lines.append(f"{name + ':':<16} {watcher_summary(ws)}")
     return "\n".join(lines)
+
+
+def watcher_summary(ws: Any) -> str:
+    """One line for a watcher's status: its own summary, why it is unavailable, or its fields."""
+    if not isinstance(ws, dict):
+        return json.dumps(ws)
+    if ws.get("available") is False:
+        return f"unavailable: {ws.get('reason') or 'unknown reason'}"
+    if ws.get("summary"):
+        blocking = f" (waiting: {ws['blocking']})" if ws.get("blocking") else ""
+        return f"{ws['summary']}{blocking}"
+    if "lock_held" in ws:  # logind
+        held = "inhibitor held" if ws["lock_held"] else f"inhibitor not held ({ws.get('lock_error') or 'released'})"
+        pending = f", waiting for a checkpoint before {ws['pending']}" if ws.get("pending") else ""
+        return f"{held}, delay budget {ws.get('budget_s')} s{pending}"
+    return json.dumps(ws, sort_keys=True)
 
 
 def format_batch(batch: dict[str, Any], launch_env: dict[str, Any]) -> str:

@@ -368,3 +368,14 @@ def test_read_events_skips_torn_line(tmp_path):
     with open(tmp_path / "e.jsonl", "a") as f:
         f.write('{"ts": 2, "ev')
     assert [e["event"] for e in read_events(tmp_path / "e.jsonl")] == ["a"]
+
+
+def test_watcher_status_lines():
+    from supervisor.cli_run import watcher_summary
+
+    assert watcher_summary({"available": False, "reason": "no D-Bus system bus"}) == "unavailable: no D-Bus system bus"
+    assert watcher_summary({"summary": "on battery 40%", "blocking": "on battery"}) == \
+        "on battery 40% (waiting: on battery)"
+    assert watcher_summary({"available": True, "lock_held": True, "budget_s": 4.5, "pending": "sleep"}) == \
+        "inhibitor held, delay budget 4.5 s, waiting for a checkpoint before sleep"
+    assert watcher_summary({"x": 1}) == '{"x": 1}'
