@@ -35,7 +35,7 @@ from supervisor import extensions
 from supervisor import launch as L
 from supervisor.config import JobConfig
 from supervisor.errors import EXIT_GAVE_UP, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, LockedError
-from supervisor.events import EventLog
+from supervisor.events import EventLog, read_events
 from supervisor.thermal import GpuConfig, next_batch_shape, oom_give_up_reason
 from supervisor.policy import (
     AttemptResult,
@@ -427,7 +427,9 @@ class Runner:
             if isinstance(step, int):
                 a.max_step = max(a.max_step, step)
         if self.state == State.STARTING:
-            self._transition(State.RUNNING, now, f"first heartbeat (step {st.get('step')})")
+            # a rank's first beat comes before it has loaded the checkpoint: no step to tell yet
+            what = "loading/setting up" if st.get("state") == "starting" else f"step {st.get('step')}"
+            self._transition(State.RUNNING, now, f"first heartbeat ({what})")
 
     def _refresh_checkpoints(self, now: float, force: bool = False) -> None:
         try:
@@ -835,8 +837,6 @@ class Runner:
         again). Anything else (a fresh start, another shape) starts from the script's values."""
         if resume is None or runfiles.ENV_MICRO_BATCH in self.launch_env:
             return
-        from supervisor.events import read_events
-
         last = None
         for e in read_events(self.paths.events):
             if e.get("event") == "oom_backoff" and isinstance(e.get("new"), dict):

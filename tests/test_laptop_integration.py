@@ -231,6 +231,8 @@ def test_logind_sleep_saves_before_release_then_shutdown_stops_and_restarts(tmp_
         assert fake.wait_for(lambda f: len(f.held_locks()) == 1, 10)
         run.wait(lambda: run.step() >= sleep_ckpt.step + 3, "steps after the wake-up")
         assert len([e for e in run.kinds("state") if e["to"] == "starting"]) == 1
+        # training never stopped, so the steps may run ahead of the loop's next watcher poll
+        run.wait(lambda: run.kinds("resumed_from_sleep"), "the wake-up in events.jsonl")
         assert [e["event"] for e in events(run.run_dir) if e["event"] in (
             "prepare_for_sleep", "checkpoint", "resumed_from_sleep")] == \
             ["prepare_for_sleep", "checkpoint", "resumed_from_sleep"]
