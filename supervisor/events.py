@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class EventLog:
@@ -22,6 +25,7 @@ class EventLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.last: dict[str, Any] | None = None
+        self._failing = False
 
     def append(self, event: str, now: float, **fields: Any) -> dict[str, Any]:
         record = {
@@ -31,9 +35,16 @@ class EventLog:
         }
         record.update({k: v for k, v in fields.items() if v is not None})
         line = (json.dumps(record, sort_keys=False, default=str) + "\n").encode()
-        os.write(self._fd, line)
-        if self.durable:
-            os.fsync(self._fd)
+        try:
+            os.write(self._fd, line)
+            if self.durable:
+                os.fsync(self._fd)
+        except OSError as e:  # a full disk must not take the supervisor down: the log still has it
+            if not self._failing:
+                log.warning("cannot write %s (%s): events go to this log only until it can", self.path, e)
+            self._failing = True
+        else:
+            self._failing = False
         self.last = record
         return record
 

@@ -1,5 +1,5 @@
-"""The supervisor's optional watchers, wired in one place: the job.toml sections
-`[gpu]`, `[power]`, `[logind]` and the watcher each one builds.
+"""The supervisor's watchers, wired in one place: the job.toml sections `[gpu]`, `[power]`,
+`[logind]` and the watcher each one builds, and the disk-space watcher (no section).
 
 `supervisor.config` fills its SECTION_PARSERS from `SECTIONS`, and `supervisor.runner`
 its WATCHER_FACTORIES from `WATCHERS`. Every import of a watcher module happens inside a
@@ -82,5 +82,11 @@ def logind_watcher(job: "JobConfig") -> "Watcher | None":
     return LogindWatcher(cfg, checkpoint_dir=RunPaths(job.run_dir).checkpoints)
 
 
-WATCHERS: list[Callable[["JobConfig"], "Watcher | None"]] = [gpu_watcher, power_watcher, logind_watcher]
+def disk_watcher(job: "JobConfig") -> "Watcher | None":
+    from supervisor.disk import DiskWatcher
+
+    return DiskWatcher(job.run_dir)  # always on: a full disk needs no opt-in
+
+
+WATCHERS: list[Callable[["JobConfig"], "Watcher | None"]] = [gpu_watcher, power_watcher, logind_watcher, disk_watcher]
 

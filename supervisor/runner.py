@@ -521,7 +521,10 @@ class Runner:
 
     def _set_control(self, **changes: Any) -> None:
         self.control = replace(self.control, **changes)
-        runfiles.write_control(self.paths.control, self.control)
+        try:
+            runfiles.write_control(self.paths.control, self.control)
+        except OSError as e:  # e.g. a full disk: a stop still reaches the ranks by signal
+            log.warning("cannot write %s: %s", self.paths.control, e)
 
     def _blocking(self, now: float) -> str | None:
         for w in self.watchers:

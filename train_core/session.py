@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -148,6 +149,9 @@ def _env_int(name: str) -> int | None:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()[:500]
+
+
+LOW_DISK_MIB = 64  # a save failed with less free space than this: say the disk is (nearly) full
 
 
 class TrainSession:
@@ -631,7 +635,8 @@ class TrainSession:
         except Exception as e:  # noqa: BLE001
             error = _one_line(e)
         if not self._all_ok(not error):  # doubles as the barrier before the commit
-            raise CheckpointSaveFailed(f"saving {step_dir_name(step)} failed{': ' + error if error else ' on another rank'}")
+            raise self._save_failed(tmp, f"saving {step_dir_name(step)} failed"
+                                         f"{': ' + error if error else ' on another rank'}")
 
         result: tuple[str, str] = ("", "")
         if self.is_main:
@@ -663,7 +668,7 @@ class TrainSession:
                 result = ("fail", _one_line(e))
         result = self._broadcast(result)
         if result[0] != "ok":
-            raise CheckpointSaveFailed(f"committing {step_dir_name(step)} failed: {result[1]}")
+            raise self._save_failed(tmp, f"committing {step_dir_name(step)} failed: {result[1]}")
         self.tokens_seen, self.samples_seen = tokens, samples
         self._local_tokens = self._local_samples = 0
         ckpt = Checkpoint(Path(result[1]), step, {"reason": reason, "metrics": dict(self._step_metrics)})
@@ -675,6 +680,26 @@ class TrainSession:
         self._state = previous_state
         self.watcher.write_status()
         return ckpt
+
+    def _save_failed(self, tmp: Path, message: str) -> CheckpointSaveFailed:
+        """Rank 0 removes the half-written save (on a full disk that space is what the next
+        attempt needs); the message says what is still safe and, for a full disk, the fix."""
+        if self.is_main:
+            try:
+                self.store.abort(tmp)
+            except (OSError, StoreError) as e:
+                log.warning("could not remove the failed save %s: %s", tmp.name, e)
+        try:
+            free_mb = shutil.disk_usage(self.store.root).free / 2**20
+        except OSError:
+            free_mb = float("nan")
+        # torch.save on a full disk often says only "iostream error" or "unexpected pos": look
+        if "No space left on device" in message or "Disk quota exceeded" in message or free_mb < LOW_DISK_MIB:
+            safe = self.last_checkpoint or self.resumed_from
+            kept = safe.path.name if safe else "no earlier checkpoint"
+            message += (f"; the disk holding {self.store.root} is full ({free_mb:.1f} MiB free): free space or "
+                        f"lower [retention] keep_last, then run again ({kept} is intact)")
+        return CheckpointSaveFailed(message)
 
     def _trainer_state(self, tokens: int, samples: int) -> dict[str, Any]:
         return {

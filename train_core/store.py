@@ -456,6 +456,15 @@ class CheckpointStore:
             path = doomed
         _rmtree(path)
 
+    def abort(self, tmp: Path) -> None:
+        """Remove an uncommitted save that failed (e.g. the disk filled up): its space comes back
+        now, not at the next start. Only a .tmp-step-* directory of this store, never a link."""
+        tmp = Path(tmp)
+        if tmp.parent != self.root or not _TMP_RE.match(tmp.name) or tmp.is_symlink():
+            raise StoreError(f"{tmp} is not an uncommitted save of {self.root}")
+        if tmp.exists():
+            _rmtree(tmp)
+
     def remove_stale_tmp(self) -> list[Path]:
         """Remove uncommitted saves whose writer is gone; returns what was removed."""
         removed = []
