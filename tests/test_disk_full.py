@@ -5,7 +5,6 @@ space is freed. Needs root to mount the tmpfs (skipped otherwise)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest
