@@ -50,7 +50,7 @@ def gpu_watcher(job: "JobConfig") -> "Watcher | None":
         return None
     if job.launch.cpu and not cfg.fake_script:
         return None  # a CPU job uses no GPU: no NVML, and no "GPU unmonitored" warning on every run
-    base = job.job_file.parent if job.job_file else job.run_dir
+    base = _job_dir(job)
     # The child gets CUDA_DEVICE_ORDER=PCI_BUS_ID unless the job sets another (supervisor.launch).
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", **os.environ, **job.train.env}
     return build_gpu_watcher(cfg, base_dir=base, env=env)
@@ -64,8 +64,7 @@ def power_watcher(job: "JobConfig") -> "Watcher | None":
     cfg = job.sections.get("power")
     if cfg is None or not cfg.enabled:
         return None
-    base = job.job_file.parent if job.job_file else Path.cwd()
-    return PowerWatcher(cfg, source=SysfsPowerSource(str(base / cfg.sysfs_root)))
+    return PowerWatcher(cfg, source=SysfsPowerSource(str(_job_dir(job) / cfg.sysfs_root)))
 
 
 def logind_watcher(job: "JobConfig") -> "Watcher | None":
@@ -90,3 +89,7 @@ def disk_watcher(job: "JobConfig") -> "Watcher | None":
 
 WATCHERS: list[Callable[["JobConfig"], "Watcher | None"]] = [gpu_watcher, power_watcher, logind_watcher, disk_watcher]
 
+
+def _job_dir(job: "JobConfig") -> Path:
+    """Where a relative path in a watcher section starts: the job file's folder, like [train] script."""
+    return job.job_file.parent if job.job_file else Path.cwd()
