@@ -26,8 +26,9 @@ latency that matters). Latency: the thread calls `wakeup` right after it queues
 a decision, and, while a request waits for its checkpoint, it also watches
 `checkpoint_dir` (one stat every `COMMIT_POLL_S`) and calls `wakeup` when the
 directory changes, so a loop that sleeps between ticks sees the commit, and
-reports it through `on_checkpoint()`, within milliseconds instead of a tick. No system bus or no logind -> one warning, one NOTE
-decision, status {"available": false, "reason": ...}, and the run continues.
+reports it through `on_checkpoint()`, within milliseconds instead of a tick.
+No system bus or no logind -> one warning, one NOTE decision, status
+{"available": false, "reason": ...}, and the run continues.
 
 jeepney trap (facts.md): signals carry the sender's UNIQUE name (":1.7"), so
 both the bus match rule and the local filter use the owner of

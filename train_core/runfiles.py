@@ -48,10 +48,10 @@ def report_bad_input(message: str) -> int:
         rank = int(os.environ.get("RANK") or 0)
         paths = RunPaths(Path(run_dir))
         paths.ranks.mkdir(parents=True, exist_ok=True)
-        attempt = int(os.environ.get(ENV_ATTEMPT) or 0)
-        write_json_atomic(paths.exit_file(rank), {"rank": rank, "pid": os.getpid(), "attempt": attempt, "kind": "bad_input",
-                                                  "code": EXIT_BAD_INPUT, "step": -1, "detail": message,
-                                                  "finished_at": time.time()})
+        write_json_atomic(paths.exit_file(rank), {
+            "rank": rank, "pid": os.getpid(), "attempt": int(os.environ.get(ENV_ATTEMPT) or 0),
+            "kind": "bad_input", "code": EXIT_BAD_INPUT, "step": -1, "detail": message, "finished_at": time.time(),
+        })
     return EXIT_BAD_INPUT
 
 
