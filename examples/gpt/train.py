@@ -46,7 +46,6 @@ from train_core.runfiles import report_bad_input  # noqa: E402
 log = logging.getLogger("examples.gpt.train")
 
 
-
 def default_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "trainsup", "gpt")
 
