@@ -92,11 +92,14 @@ def heartbeat_step(run_dir: Path) -> int:
     return int(st.get("step", -1)) if st.get("state") == "training" else -1
 
 
-def events(run_dir: Path) -> list[dict]:
+def events(run_dir: Path, event: str | None = None) -> list[dict]:
+    """The records of the run's events.jsonl; only those named `event` when given."""
     try:
-        return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
+        lines = (run_dir / "events.jsonl").read_text().splitlines()
     except FileNotFoundError:
         return []
+    records = [json.loads(line) for line in lines if line.strip()]
+    return [e for e in records if e["event"] == event] if event else records
 
 
 def run_processes(run_dir: Path) -> list[psutil.Process]:

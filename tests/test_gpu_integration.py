@@ -35,10 +35,6 @@ GIB = 2**30
 
 
 
-def named(run_dir: Path, event: str) -> list[dict]:
-    return [e for e in events(run_dir) if e["event"] == event]
-
-
 def gpu_section(tmp: Path, points: list[dict], **over) -> dict:
     script = tmp / "gpu-script.json"
     script.write_text(json.dumps({"points": points}))
@@ -108,7 +104,7 @@ def test_temperature_ramp_pauses_and_resumes_without_flapping_and_vram_warns_onc
     sup = start_supervisor(job, log=tmp_path / "sup.log")
     cleanup[1].append(sup)
 
-    wait_for(lambda: named(run_dir, "thermal_pause"), 40, "thermal_pause")
+    wait_for(lambda: events(run_dir, "thermal_pause"), 40, "thermal_pause")
     # While hot the rank holds at one step; the heartbeat keeps coming (no hang).
     paused = []
 
@@ -116,7 +112,7 @@ def test_temperature_ramp_pauses_and_resumes_without_flapping_and_vram_warns_onc
         s = sample_status(run_dir)
         if s and s[1] == "paused":
             paused.append(s[0])
-        return named(run_dir, "thermal_resume")
+        return events(run_dir, "thermal_resume")
 
     sup_json = wait_for(lambda: (s := read_json(run_dir / "supervisor.json")) and s.get("paused_by") == ["gpu"] and s,
                         10, "supervisor.json paused_by gpu")
@@ -264,7 +260,7 @@ def test_oom_halves_the_micro_batch_keeps_the_effective_batch_and_resumes_exactl
     # A new supervisor on this run dir keeps the back-off for a checkpoint written with it.
     r = run_cli("run", str(job), "--set", "restart.max_restarts=0")
     assert r.returncode == 0, r.stdout + r.stderr
-    restored = named(run_dir, "oom_backoff_restored")
+    restored = events(run_dir, "oom_backoff_restored")
     assert [e["new"] for e in restored] == [{"micro_batch": 2, "grad_accum": 4}]
 
 
@@ -279,7 +275,7 @@ def test_oom_at_the_floor_gives_up_with_exit_3_and_the_reason(tmp_path, cleanup)
     ev = events(run_dir)
     assert [e["kind"] for e in ev if e["event"] == "attempt_exit"] == ["oom", "oom"]
     assert [e["new"] for e in ev if e["event"] == "oom_backoff"] == [{"micro_batch": 1, "grad_accum": 2}]
-    give_up = named(run_dir, "oom_give_up")
+    give_up = events(run_dir, "oom_give_up")
     assert len(give_up) == 1 and (give_up[0]["micro_batch"], give_up[0]["grad_accum"]) == (1, 2)
     sup = read_json(run_dir / "supervisor.json")
     assert sup["exit_code"] == 3

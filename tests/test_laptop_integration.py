@@ -78,7 +78,7 @@ class Run:
         return int(st.get("step", -1)) if st.get("state") == "training" else -1
 
     def kinds(self, event: str) -> list[dict]:
-        return [e for e in events(self.run_dir) if e["event"] == event]
+        return events(self.run_dir, event)
 
     def valid_steps(self) -> list[int]:
         return [c.step for c in CheckpointStore(self.run_dir / "checkpoints").scan() if c.valid]

@@ -32,10 +32,6 @@ pytestmark = pytest.mark.slow
 
 
 
-def kinds(run_dir, event):
-    return [e for e in events(run_dir) if e["event"] == event]
-
-
 def uninterrupted(tmp_path, args, **sections):
     """Final weights of the same job run without interruption (the fake rank, no launcher)."""
     d = tmp_path / "ref"
@@ -67,14 +63,14 @@ def test_sigterm_saves_exits_75_and_resumes(tmp_path, cleanup, nproc):
     assert latest is not None and latest.reason == "preempt" and 15 < latest.step < 90
     exits = [read_json(run_dir / "ranks" / f"exit-{r}.json") for r in range(nproc)]
     assert [e["kind"] for e in exits] == ["saved"] * nproc
-    assert kinds(run_dir, "stop_requested")[0]["signal"] == "SIGTERM"
-    assert kinds(run_dir, "attempt_exit")[-1]["kind"] == "saved"
-    assert kinds(run_dir, "supervisor_exit")[-1]["exit_code"] == 75
+    assert events(run_dir, "stop_requested")[0]["signal"] == "SIGTERM"
+    assert events(run_dir, "attempt_exit")[-1]["kind"] == "saved"
+    assert events(run_dir, "supervisor_exit")[-1]["exit_code"] == 75
 
     sup2 = start_supervisor(job, log=tmp_path / "sup2.log")
     cleanup[1].append(sup2)
     assert finish(sup2) == 0, (tmp_path / "sup2.log").read_text()
-    start = [e for e in kinds(run_dir, "state") if e["to"] == "starting"][-1]
+    start = [e for e in events(run_dir, "state") if e["to"] == "starting"][-1]
     assert start["resume_from"] == str(latest.path) and start["attempt"] == 2  # numbering goes on
     assert start["log"].endswith("attempt-2.log")
     assert f"resumed from step {latest.step}" in Path(start["log"]).read_text()
@@ -102,8 +98,8 @@ def test_script_ignoring_the_request_is_escalated(tmp_path, cleanup):
     elapsed = time.monotonic() - t0
     assert code == 128 + signal.SIGTERM  # no checkpoint was committed on the way
     assert 2.0 <= elapsed < 15, elapsed  # grace 1.5 s + kill_after 1 s
-    assert [e["signal"] for e in kinds(run_dir, "escalate")] == ["SIGTERM", "SIGKILL"]
-    assert kinds(run_dir, "attempt_exit")[-1]["kind"] == "killed"
+    assert [e["signal"] for e in events(run_dir, "escalate")] == ["SIGTERM", "SIGKILL"]
+    assert events(run_dir, "attempt_exit")[-1]["kind"] == "killed"
     assert run_processes(run_dir) == []
     store = CheckpointStore(run_dir / "checkpoints")
     assert all(c.valid for c in store.scan(full=True))
@@ -119,11 +115,11 @@ def test_crashing_script_backs_off_then_gives_up(tmp_path, cleanup):
     sup = start_supervisor(job, log=tmp_path / "sup.log")
     cleanup[1].append(sup)
     assert finish(sup, 90) == 3
-    backoffs = [e for e in kinds(run_dir, "state") if e["to"] == "backoff"]
+    backoffs = [e for e in events(run_dir, "state") if e["to"] == "backoff"]
     assert [b["delay_s"] for b in backoffs] == [0.5, 1.5]
-    starts = [e["ts"] for e in kinds(run_dir, "state") if e["to"] == "starting"]
+    starts = [e["ts"] for e in events(run_dir, "state") if e["to"] == "starting"]
     assert len(starts) == 3
-    exits = kinds(run_dir, "attempt_exit")
+    exits = events(run_dir, "attempt_exit")
     assert [e["kind"] for e in exits] == ["error"] * 3
     assert exits[0]["detail"] == "rank 0 failed: RuntimeError: simulated crash at step 3"
     out = (tmp_path / "sup.log").read_text()
@@ -150,11 +146,11 @@ def test_hang_detected_killed_and_restarted(tmp_path, cleanup):
     sup = start_supervisor(job, log=tmp_path / "sup.log")
     cleanup[1].append(sup)
     assert finish(sup, 90) == 0, (tmp_path / "sup.log").read_text()
-    hung = kinds(run_dir, "hung")
+    hung = events(run_dir, "hung")
     assert len(hung) == 1 and 10 <= hung[0]["step"] <= 15
-    exits = kinds(run_dir, "attempt_exit")
+    exits = events(run_dir, "attempt_exit")
     assert [e["kind"] for e in exits] == ["hung", "finished"]
-    start2 = [e for e in kinds(run_dir, "state") if e["to"] == "starting"][1]
+    start2 = [e for e in events(run_dir, "state") if e["to"] == "starting"][1]
     assert start2["resume_from"].endswith("step-00000010")
     assert run_processes(run_dir) == []
 
@@ -172,9 +168,9 @@ def test_rank_sigkilled_mid_save_restarts_from_previous_checkpoint(tmp_path, cle
     rank_pid = read_json(run_dir / "ranks" / "rank-0.json")["pid"]
     os.kill(rank_pid, signal.SIGKILL)
     assert finish(sup, 60) == 0, (tmp_path / "sup.log").read_text()
-    exits = kinds(run_dir, "attempt_exit")
+    exits = events(run_dir, "attempt_exit")
     assert exits[0]["kind"] in ("killed", "error") and exits[1]["kind"] == "finished"
-    start2 = [e for e in kinds(run_dir, "state") if e["to"] == "starting"][1]
+    start2 = [e for e in events(run_dir, "state") if e["to"] == "starting"][1]
     assert start2["resume_from"].endswith("step-00000010")
     assert not tmp[0].exists()  # the torn save was cleaned up
     assert final_weights(run_dir) == uninterrupted(tmp_path, args)
@@ -221,7 +217,7 @@ def test_preempted_toy_run_equals_uninterrupted_bitwise(tmp_path, cleanup, nproc
     sup2 = start_supervisor(job, log=tmp_path / "sup2.log")
     cleanup[1].append(sup2)
     assert finish(sup2, 90) == 0, (tmp_path / "sup2.log").read_text()
-    assert [e.get("resume_from") for e in kinds(run_dir, "state") if e["to"] == "starting"][-1] == str(latest.path)
+    assert [e.get("resume_from") for e in events(run_dir, "state") if e["to"] == "starting"][-1] == str(latest.path)
 
     ref = tmp_path / "ref"
     ref.mkdir()
