@@ -11,10 +11,12 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from torchfile import torch_like
 
 from supervisor import cli_checkpoints
 from supervisor.cli import main
@@ -41,7 +43,7 @@ def make_run(run_dir: Path, layout=LAYOUT) -> CheckpointStore:
     for step, (epoch, batch, reason, metrics, size) in layout.items():
         tmp = store.begin(step)
         (tmp / "model.safetensors").write_bytes(b"m" * (size // 3))
-        (tmp / "optimizer.bin").write_bytes(b"o" * (size - size // 3))
+        (tmp / "optimizer.bin").write_bytes(torch_like(max(size - size // 3, 400)))  # an archive needs ~260 B
         c = store.commit(tmp, step, epoch=epoch, batch_in_epoch=batch, reason=reason, metrics=metrics)
         m = json.loads((c.path / "manifest.json").read_text())
         m["created_at"] = (T0 + dt.timedelta(minutes=step)).isoformat(timespec="milliseconds")
@@ -136,13 +138,13 @@ def test_list_mentions_uncommitted_saves(run):
 
 
 def test_verify_all_valid_exits_0(tmp_path):
-    make_run(tmp_path / "run", {1: (0, 1, "interval", {"val_loss": 2.0}, 100), 2: (0, 2, "final", {}, 100)})
+    make_run(tmp_path / "run", {1: (0, 1, "interval", {"val_loss": 2.0}, 900), 2: (0, 2, "final", {}, 900)})  # an archive needs ~260 B
     r = invoke("checkpoints", "verify", str(tmp_path / "run"))
     assert r.exit_code == 0
     assert r.output == textwrap.dedent("""\
-        STEP  EPOCH  BATCH  REASON    METRICS      SIZE     AGE  STATUS
-           1      0      1  interval  val_loss=2  580 B  11h59m  ok (sha256)
-           2      0      2  final     -           557 B  11h58m  ok (sha256)
+        STEP  EPOCH  BATCH  REASON    METRICS        SIZE     AGE  STATUS
+           1      0      1  interval  val_loss=2  1.3 KiB  11h59m  ok (sha256)
+           2      0      2  final     -           1.3 KiB  11h58m  ok (sha256)
         2 checkpoints: 2 valid, 0 invalid; resume from step 2
         """)
 

@@ -294,7 +294,8 @@ def test_second_request_while_saving_is_ignored(tmp_path, monkeypatch):
 def test_config_change_refused_unless_allowed(tmp_path):
     run(tmp_path, "--signal-at", "6")
     code, rep = run(tmp_path, "--lr", "0.05", "--hidden", "16")
-    assert isinstance(code, ConfigMismatch) and rep["kind"] == "error"
+    # deterministic bad input: exit 2 (no traceback, no retry), the checkpoint and the keys named
+    assert code == 2 and rep["kind"] == "bad_input" and "step-00000002" in rep["detail"]
     assert "lr (0.02 -> 0.05)" in rep["detail"] and "hidden (32 -> 16)" in rep["detail"]
     code, rep = run(tmp_path, "--lr", "0.05", "--allow-change", "lr")
     assert code == 0 and rep["kind"] == "finished"
@@ -335,7 +336,7 @@ def test_oom_override_is_exact_in_samples(tmp_path, monkeypatch):
     run(tmp_path / "p", "--steps", "12", "--signal-at", "6")
     monkeypatch.setenv("TRAINSUP_MICRO_BATCH", "2")
     code, rep = run(tmp_path / "p", "--steps", "12")
-    assert rep["kind"] == "error" and "micro_batch*grad_accum" in rep["detail"]
+    assert code == 2 and rep["kind"] == "bad_input" and "micro_batch*grad_accum" in rep["detail"]
 
 
 def test_interval_from_the_job_file_wins(tmp_path, monkeypatch):

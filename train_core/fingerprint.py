@@ -106,8 +106,12 @@ def _allowed(key: str, allow: Iterable[str]) -> bool:
     return any(key == a or key.startswith(a + ".") or key.startswith(a + "[") for a in allow)
 
 
+MISMATCH_KEYS_SHOWN = 3  # a checkpoint of another job differs in dozens of keys: one short line
+
+
 def _show(v: Any) -> str:
-    return "(absent)" if v is _MISSING else json.dumps(v)
+    text = "(absent)" if v is _MISSING else json.dumps(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_config_change(
@@ -128,11 +132,16 @@ def check_config_change(
     changes = diff_configs(old, new)
     refused = {k: v for k, v in changes.items() if not _allowed(k, allow)}
     if refused:
-        listed = ", ".join(f"{k} ({_show(a)} -> {_show(b)})" for k, (a, b) in refused.items())
-        hint = ", ".join(repr(k) for k in refused)
+        shown = list(refused.items())[:MISMATCH_KEYS_SHOWN]
+        listed = ", ".join(f"{k} ({_show(a)} -> {_show(b)})" for k, (a, b) in shown)
+        more = len(refused) - len(shown)
+        if more:
+            listed += f" and {more} more"
+        hint = ", ".join(repr(k) for k, _ in shown) + (", ..." if more else ",")
         raise ConfigMismatch(
-            f"{checkpoint} was made with a different config: {listed}. Resume with the original "
-            f"values, start a new run dir, or allow the change with allow_changes=({hint},)",
+            f"{checkpoint} was made by another job or config: {len(refused)} key(s) differ: {listed}. "
+            f"Fix: resume with the original values, use another run dir (--run-dir) for a new run, "
+            f"allow a deliberate change with allow_changes=({hint}), or remove that checkpoint",
             tuple(refused),
         )
     return changes

@@ -41,13 +41,17 @@ streams, keep epochs short or make the dataset itself resumable.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -69,19 +73,29 @@ from train_core.runfiles import (
     ENV_RESUME_FROM,
     ENV_RUN_DIR,
     ENV_SUPERVISOR_PID,
+    EXIT_BAD_INPUT,
     EXIT_SAVED,
     RunPaths,
     write_json_atomic,
 )
+from train_core import safeload
 from train_core.signals import StopFlag, ignore_stop_signals_worker_init
-from train_core.store import Checkpoint, CheckpointStore, StoreError, step_dir_name
+from train_core.store import UNREADABLE_FILE, Checkpoint, CheckpointStore, StoreError, step_dir_name
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
+
+
+def custom_file(index: int) -> str:
+    """accelerate's name for the index-th registered object (kept: plain load_state users know it)."""
+    return f"custom_checkpoint_{index}.pkl"
+
+
 TRAINER_STATE_FORMAT = 1
 EXIT_FAILED = 1  # oom / resume_failed / error: the kind in ranks/exit-R.json says which
 PAUSE_POLL_S = 0.2
+_LOAD_OK, _LOAD_TRANSIENT, _LOAD_BROKEN = 0, 1, 2  # ordered: the worst rank's verdict wins
 
 
 class SessionError(Exception):
@@ -89,12 +103,21 @@ class SessionError(Exception):
 
 
 class ResumeFailed(Exception):
-    """The checkpoint could not be restored; nothing of it was applied, or the run stops."""
+    """The checkpoint could not be restored; nothing of it was applied, or the run stops.
 
-    def __init__(self, checkpoint: str | os.PathLike, problem: str):
+    `transient`: the fault says nothing about the checkpoint (out of memory, an I/O error, a
+    timeout, all retried LOAD_RETRIES times): the supervisor falls back without quarantining it."""
+
+    def __init__(self, checkpoint: str | os.PathLike, problem: str, *, transient: bool = False):
         super().__init__(f"cannot resume from {checkpoint}: {problem}")
         self.checkpoint = str(checkpoint)
         self.problem = problem
+        self.transient = transient
+
+
+class BadCheckpointChoice(Exception):
+    """The checkpoint the user asked for (TRAINSUP_RESUME_FROM or resume=PATH, not chosen by the
+    supervisor) is unusable: bad input, exit 2, no fallback to another one."""
 
 
 class CheckpointSaveFailed(Exception):
@@ -146,12 +169,41 @@ def _env_int(name: str) -> int | None:
     return value
 
 
+def _is_transient(exc: BaseException) -> bool:
+    """A load error that may pass on a retry: memory, I/O, time. A missing file, a refused
+    unpickling, a shape or key mismatch would fail the same way again."""
+    if is_oom(exc):
+        return True
+    return isinstance(exc, (OSError, TimeoutError)) and not isinstance(
+        exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError))
+
+
+@contextlib.contextmanager
+def _without_custom_files(path: Path) -> Iterator[Path]:
+    """A private temporary view of checkpoint `path` (symlinks) without custom_checkpoint_<i>.pkl.
+
+    accelerator.load_state refuses a dir whose custom_checkpoint files outnumber the objects
+    registered with it, and would unpickle registered ones freely; trainsup loads them itself."""
+    with tempfile.TemporaryDirectory(prefix="trainsup-load-") as tmp:
+        view = Path(tmp) / path.name
+        view.mkdir()
+        for entry in os.scandir(path):
+            if not _CUSTOM_RE.match(entry.name):
+                os.symlink(os.path.abspath(entry.path), view / entry.name)
+        yield view
+
+
+_CUSTOM_RE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()[:500]
 
 
 LOW_DISK_MIB = 64  # a save failed with less free space than this: say the disk is (nearly) full
+LOAD_RETRIES = 3  # a transient load error (OOM, EIO, timeout) retries the same checkpoint this often
+LOAD_RETRY_PAUSE_S = 0.5  # doubled after each retry
 
 
 class TrainSession:
@@ -235,7 +287,9 @@ class TrainSession:
         self.attempt = int(os.environ.get(ENV_ATTEMPT) or 0)
         self.paths = RunPaths(Path(run_dir) if run_dir is not None else default_run_dir())
         ckpt_env = os.environ.get(ENV_CHECKPOINT_DIR)
-        self.store = CheckpointStore(Path(ckpt_env) if ckpt_env else self.paths.checkpoints)
+        self.trust_pickle = safeload.trust_pickle_from_env()
+        self.store = CheckpointStore(Path(ckpt_env) if ckpt_env else self.paths.checkpoints,
+                                     trust_pickle=self.trust_pickle)
         sup = os.environ.get(ENV_SUPERVISOR_PID)
         self.supervisor_pid = int(sup) if sup and sup.isdigit() else None
 
@@ -252,6 +306,7 @@ class TrainSession:
         self.resumed_from: Checkpoint | None = None
 
         self._names: list[str] = []
+        self._objects: list[Any] = []  # registered: saved and loaded by trainsup, never unpickled freely
         self._prepared_loaders: list[Any] = []
         self._skip_batches = 0
         self._epoch_complete = False
@@ -326,7 +381,9 @@ class TrainSession:
             raise SessionError(f"register({name!r}, ...): the object needs state_dict() and load_state_dict()")
         if name in self._names:
             raise SessionError(f"register({name!r}, ...): that name is already registered")
-        self.accelerator.register_for_checkpointing(obj)
+        # Not accelerator.register_for_checkpointing: its load_custom_state unpickles with
+        # weights_only=False. Same file names (custom_checkpoint_<i>.pkl), read safely (_resume).
+        self._objects.append(obj)
         self._names.append(name)
         return obj
 
@@ -335,6 +392,14 @@ class TrainSession:
         self._entered = True
         try:
             self._resume()
+        except (ConfigMismatch, BadCheckpointChoice) as exc:
+            # deterministic bad input: one line and exit 2, no traceback (a retry cannot help)
+            message = str(exc)
+            print(f"trainsup: {message}", file=sys.stderr, flush=True)
+            self._state = "stopped"
+            self._report_bad_input(message)
+            self._teardown()
+            raise SystemExit(EXIT_BAD_INPUT) from None
         except BaseException as exc:
             self._exit_with(exc)
             raise
@@ -370,7 +435,8 @@ class TrainSession:
                 self._report_exit("saved", EXIT_SAVED, checkpoint=exc.checkpoint.path, detail=exc.why)
             elif isinstance(exc, ResumeFailed):
                 self._state = "stopped"
-                self._report_exit("resume_failed", EXIT_FAILED, checkpoint=exc.checkpoint, detail=exc.problem)
+                self._report_exit("resume_failed", EXIT_FAILED, checkpoint=exc.checkpoint, detail=exc.problem,
+                                  transient=exc.transient)
             elif is_oom(exc):
                 self._state = "stopped"
                 self._report_exit("oom", EXIT_FAILED, detail=_one_line(exc))
@@ -570,11 +636,14 @@ class TrainSession:
         return box[0]
 
     def _all_ok(self, ok: bool) -> bool:
+        return self._all_max(0 if ok else 1) == 0
+
+    def _all_max(self, value: int) -> int:
         if self.world_size == 1:
-            return ok
-        t = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.accelerator.device)
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.accelerator.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item() == 0
+        return int(t.item())
 
     def _global_counts(self) -> tuple[int, int]:
         local = [self._local_tokens, self._local_samples]
@@ -632,6 +701,9 @@ class TrainSession:
                 with open(tmp / TRAINER_STATE, "w") as f:
                     json.dump(state, f, indent=1, sort_keys=True)
             self.accelerator.save_state(str(tmp))  # every rank writes random_states_<rank>.pkl
+            if self.is_main:
+                for i, obj in enumerate(self._objects):
+                    torch.save(obj.state_dict(), tmp / custom_file(i))
         except Exception as e:  # noqa: BLE001
             error = _one_line(e)
         if not self._all_ok(not error):  # doubles as the barrier before the commit
@@ -749,8 +821,12 @@ class TrainSession:
             log.info("removed unfinished save %s", tmp.name)
         env = os.environ.get(ENV_RESUME_FROM)
         mode = self.resume
+        # Under the supervisor, TRAINSUP_RESUME_FROM is its choice (it falls back on failure);
+        # otherwise a named checkpoint is the user's, and an unusable one is bad input.
+        explicit = False
         if env:
             target: Path | None = Path(env)
+            explicit = self.supervisor_pid is None
         elif mode in (None, "never", False):
             existing = [c for c in self.store.scan() if c.valid]
             if existing:
@@ -768,8 +844,9 @@ class TrainSession:
             target = latest.path
         else:
             target = Path(mode)  # type: ignore[arg-type]
+            explicit = True
         ckpt = self.store.check(target, full=True)  # every sha256 before anything is touched
-        return ("ckpt", (str(target), dict(ckpt.manifest or {}), ckpt.problem))
+        return ("ckpt", (str(target), dict(ckpt.manifest or {}), ckpt.problem, ckpt.code, explicit))
 
     def _resume(self) -> None:
         try:
@@ -782,9 +859,13 @@ class TrainSession:
         if pick[0] == "fresh":
             log.info("starting fresh (no checkpoint to resume)")
             return
-        path_s, manifest, problem = pick[1]
+        path_s, manifest, problem, code, explicit = pick[1]
         path = Path(path_s)
         if problem:
+            if code == UNREADABLE_FILE:  # an I/O error while checking: the checkpoint may be fine
+                raise ResumeFailed(path, problem, transient=True)
+            if explicit:
+                raise BadCheckpointChoice(f"cannot resume from {path} (asked for by name): {problem}")
             raise ResumeFailed(path, problem)
         name = path.name
         world = manifest.get("world_size")
@@ -793,7 +874,7 @@ class TrainSession:
                 f"{name} was saved by {world} ranks, this run has {self.world_size}: resume with "
                 f"--num_processes {world}, or start a new run dir", ("world_size",)
             )
-        check_config_change(manifest.get("config"), self.config, allow_changes=self.allow_changes, checkpoint=name)
+        check_config_change(manifest.get("config"), self.config, allow_changes=self.allow_changes, checkpoint=str(path))
         old_micro, old_accum = manifest.get("micro_batch"), manifest.get("grad_accum")
         if old_micro and old_accum and self.micro_batch and old_micro * old_accum != self.micro_batch * self.grad_accum:
             if not {"micro_batch", "grad_accum"} & set(self.allow_changes):
@@ -810,31 +891,61 @@ class TrainSession:
             )
         files = {f.get("path") for f in manifest.get("files", []) if isinstance(f, dict)}
         rng_file = f"random_states_{self.rank}.pkl"
-        for needed in (rng_file, TRAINER_STATE):
+        for needed in (rng_file, TRAINER_STATE, *(custom_file(i) for i in range(len(self._objects)))):
             if needed not in files:
                 raise ResumeFailed(path, f"{needed} is missing (rank {self.rank} cannot restore its state)")
-        try:
-            with open(path / TRAINER_STATE) as f:
-                tstate = json.load(f)
-            expected_rng = torch.load(path / rng_file, weights_only=False)["torch_manual_seed"]
-        except Exception as e:  # noqa: BLE001
-            raise ResumeFailed(path, f"unreadable state: {_one_line(e)}") from e
 
-        # From here on the model is overwritten: a failure stops the run (resume_failed), and the
-        # supervisor falls back to the previous checkpoint.
-        problem = ""
-        try:
-            self.accelerator.load_state(str(path))
-            if not torch.equal(torch.get_rng_state(), expected_rng):
-                problem = f"{rng_file} was not restored (accelerate ignored it)"
-        except Exception as e:  # noqa: BLE001
-            problem = f"load_state failed midway: {_one_line(e)}"
-        if not self._all_ok(not problem):  # one rank failing must stop every rank, not hang them
-            raise ResumeFailed(path, problem or "load_state failed on another rank")
+        # A failure from here on may leave the model half overwritten: every rank retries the
+        # whole load after a transient fault, and otherwise the run stops (resume_failed) and
+        # the supervisor falls back to the previous checkpoint.
+        for retry in range(LOAD_RETRIES + 1):
+            verdict, problem, tstate = self._load(path, rng_file)
+            verdict = self._all_max(verdict)  # one rank failing must stop every rank, not hang them
+            if verdict == _LOAD_OK:
+                break
+            problem = problem or "loading failed on another rank"
+            if verdict == _LOAD_BROKEN or retry == LOAD_RETRIES:
+                transient = verdict == _LOAD_TRANSIENT
+                raise ResumeFailed(path, problem + (f" ({LOAD_RETRIES} retries)" if transient else ""),
+                                   transient=transient)
+            pause_s = LOAD_RETRY_PAUSE_S * 2 ** retry
+            log.warning("loading %s failed (%s): retry %d of %d in %.1f s", name, problem, retry + 1,
+                        LOAD_RETRIES, pause_s)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            time.sleep(pause_s)
         # Only step % grad_accum matters to accelerate, and we saved at a boundary: 0 is exact,
         # also when OOM recovery changed grad_accum.
         self.accelerator.step = 0
+        try:
+            self._restore_position(tstate, name)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ResumeFailed(path, f"{TRAINER_STATE} is malformed: {_one_line(e)}") from None
+        ckpt = Checkpoint(path, self.global_step, manifest)
+        self.resumed_from = self.last_checkpoint = ckpt
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", name, self.global_step, self.epoch, self.batch_in_epoch)
 
+    def _load(self, path: Path, rng_file: str) -> tuple[int, str, dict[str, Any] | None]:
+        """(verdict, problem, trainer state): model, optimizer, scheduler and RNG through
+        accelerate (weights_only=True), registered objects through safeload."""
+        try:
+            with open(path / TRAINER_STATE) as f:
+                tstate = json.load(f)
+            expected_rng = safeload.load_torch_file(path / rng_file, trust=self.trust_pickle)["torch_manual_seed"]
+            with _without_custom_files(path) as view:
+                self.accelerator.load_state(str(view))
+            for i, obj in enumerate(self._objects):
+                obj.load_state_dict(safeload.load_torch_file(path / custom_file(i), trust=self.trust_pickle))
+        except Exception as e:  # noqa: BLE001
+            return (_LOAD_TRANSIENT if _is_transient(e) else _LOAD_BROKEN), f"load failed: {_one_line(e)}", None
+        if not torch.equal(torch.get_rng_state(), expected_rng):
+            return _LOAD_BROKEN, f"{rng_file} was not restored (accelerate ignored it)", None
+        if not isinstance(tstate, dict):
+            return _LOAD_BROKEN, f"{TRAINER_STATE} is not a JSON object", None
+        return _LOAD_OK, "", tstate
+
+    def _restore_position(self, tstate: dict[str, Any], name: str) -> None:
         self.global_step = int(tstate["global_step"])
         self.epoch = int(tstate["epoch"])
         samples_in_epoch = int(tstate["samples_in_epoch"])
@@ -854,9 +965,6 @@ class TrainSession:
         self.best_value = tstate.get("best_value")
         self.best_step = tstate.get("best_step")
         self.metrics = dict(tstate.get("metrics") or {})
-        ckpt = Checkpoint(path, self.global_step, manifest)
-        self.resumed_from = self.last_checkpoint = ckpt
-        log.info("resumed from %s (step %d, epoch %d, batch %d)", name, self.global_step, self.epoch, self.batch_in_epoch)
 
     # ------------------------------------------------------------------ run-dir files
     def _write_rank_file(self) -> None:
@@ -875,8 +983,16 @@ class TrainSession:
             "started_at": time.time(),
         })
 
-    def _report_exit(self, kind: str, code: int, *, checkpoint: Any = None, detail: str = "") -> None:
+    def _report_bad_input(self, message: str) -> None:
+        try:
+            self._report_exit("bad_input", EXIT_BAD_INPUT, detail=message)
+        except Exception as e:  # noqa: BLE001
+            log.error("could not write the exit report: %s", e)
+
+    def _report_exit(self, kind: str, code: int, *, checkpoint: Any = None, detail: str = "",
+                     transient: bool = False) -> None:
         write_json_atomic(self.paths.exit_file(self.rank), {
+            "transient": transient,
             "rank": self.rank,
             "pid": os.getpid(),
             "attempt": self.attempt,

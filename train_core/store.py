@@ -18,6 +18,7 @@ Every invalid checkpoint carries a one-line `problem` for people and a stable `c
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from train_core import safeload
 from train_core.runfiles import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -61,10 +63,12 @@ DUPLICATE_STEP = "duplicate_step"
 SYMLINK = "symlink"  # the step-N entry itself is a symlink
 NOT_A_DIRECTORY = "not_a_directory"
 BAD_NAME = "bad_name"
+UNSAFE_PICKLE = "unsafe_pickle"  # a file that would need arbitrary unpickling to load (safeload)
+UNLISTED_FILE = "unlisted_file"  # a file load_state would read that the manifest does not list
 PROBLEM_CODES = (
     MISSING_MANIFEST, UNREADABLE_MANIFEST, UNKNOWN_FORMAT, NEWER_FORMAT, BAD_MANIFEST, STEP_MISMATCH,
     PATH_OUTSIDE, MISSING_FILE, UNREADABLE_FILE, NOT_A_FILE, SIZE_MISMATCH, HASH_MISMATCH,
-    DUPLICATE_STEP, SYMLINK, NOT_A_DIRECTORY, BAD_NAME,
+    DUPLICATE_STEP, SYMLINK, NOT_A_DIRECTORY, BAD_NAME, UNSAFE_PICKLE, UNLISTED_FILE,
 )
 
 
@@ -141,6 +145,7 @@ class Checkpoint:
     problem: str | None = None
     checked_hashes: bool = False
     code: str | None = None
+    strays: tuple[str, ...] = ()  # unlisted files nothing loads (reported, not fatal)
 
     @property
     def valid(self) -> bool:
@@ -189,83 +194,174 @@ class Checkpoint:
         files = self._get("files") or []
         try:
             return sum(int(f["size"]) for f in files) + (self.path / MANIFEST).lstat().st_size
-        except (TypeError, KeyError, ValueError, OSError):
+        except (TypeError, KeyError, ValueError, OverflowError, OSError):
             return 0
 
 
-def _check_manifest(path: Path, step: int, full: bool) -> tuple[dict | None, str | None, str | None]:
-    """(manifest, problem, code) for the directory `path` holding checkpoint `step`."""
-    mpath = path / MANIFEST
+MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few KB; a bigger one is not read
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# Files accelerate's load_state or trainsup read from a checkpoint dir: one the manifest does
+# not list would be loaded unchecked, so it makes the checkpoint invalid. Other unlisted
+# files (an NFS .nfsXXXX, a user's notes) are reported as strays.
+_LOADED_RE = re.compile(
+    r"^(?:(?:model|pytorch_model)(?:_\d+)?\.(?:safetensors|bin)|(?:optimizer|scheduler|sampler|dl_state_dict)"
+    r"(?:_\d+)?\.bin|random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|scaler\.pt|trainer_state\.json)$"
+)
+
+
+def _read_manifest(mpath: Path) -> bytes:
+    """The manifest's bytes: never through a symlink, never blocking (a FIFO), at most
+    MAX_MANIFEST_BYTES. Raises _ManifestProblem."""
     try:
-        if mpath.is_symlink():
-            return None, "manifest.json is a symlink (trainsup never follows symlinks)", SYMLINK
-        raw = mpath.read_bytes()
+        fd = os.open(mpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        return None, "missing manifest.json (the save never committed)", MISSING_MANIFEST
+        raise _ManifestProblem("missing manifest.json (the save never committed)", MISSING_MANIFEST) from None
     except OSError as e:
-        return None, f"unreadable manifest.json: {e.strerror or e}", UNREADABLE_MANIFEST
+        if e.errno == errno.ELOOP:
+            raise _ManifestProblem("manifest.json is a symlink (trainsup never follows symlinks)", SYMLINK) from None
+        raise _ManifestProblem(f"unreadable manifest.json: {e.strerror or e}", UNREADABLE_MANIFEST) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise _ManifestProblem("manifest.json is not a regular file", UNREADABLE_MANIFEST)
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise _ManifestProblem(f"manifest.json is {st.st_size} bytes (more than {MAX_MANIFEST_BYTES >> 20} MiB: "
+                                   "not a trainsup manifest)", UNREADABLE_MANIFEST)
+        try:
+            return f.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as e:
+            raise _ManifestProblem(f"unreadable manifest.json: {e.strerror or e}", UNREADABLE_MANIFEST) from None
+
+
+class _ManifestProblem(Exception):
+    def __init__(self, problem: str, code: str):
+        super().__init__(problem)
+        self.problem, self.code = problem, code
+
+
+def _file_entry(entry: Any) -> tuple[str, int, str]:
+    """(path, size, sha256) of one `files` entry, or _ManifestProblem for any type or range error."""
+    if not isinstance(entry, dict):
+        raise _ManifestProblem(f"manifest.json has a malformed file entry: {_short(entry)}", BAD_MANIFEST)
+    rel, size, digest = entry.get("path"), entry.get("size"), entry.get("sha256")
+    if not isinstance(rel, str) or not rel or "\0" in rel or len(rel) > 4096:
+        raise _ManifestProblem(f"manifest.json has a malformed file entry: path {_short(rel)}", BAD_MANIFEST)
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63:
+        raise _ManifestProblem(f"manifest.json has a malformed file entry: {_short(rel)} size {_short(size)}", BAD_MANIFEST)
+    if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+        raise _ManifestProblem(f"manifest.json has a malformed file entry: {_short(rel)} sha256 {_short(digest)}", BAD_MANIFEST)
+    return rel, size, digest
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_manifest(path: Path, step: int, full: bool,
+                    trust_pickle: bool = False) -> tuple[dict | None, str | None, str | None, tuple[str, ...]]:
+    """(manifest, problem, code, strays) for the directory `path` holding checkpoint `step`.
+
+    Everything in the directory is untrusted input: any parse, type or range error is a
+    problem with a reason, never an exception."""
     try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return None, f"unreadable manifest.json: not valid JSON ({e})", UNREADABLE_MANIFEST
-    if not isinstance(manifest, dict):
-        return None, "unreadable manifest.json: not a JSON object", UNREADABLE_MANIFEST
+        raw = _read_manifest(path / MANIFEST)
+        try:
+            manifest = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise _ManifestProblem(f"unreadable manifest.json: not valid JSON ({reason})", UNREADABLE_MANIFEST) from None
+        if not isinstance(manifest, dict):
+            raise _ManifestProblem("unreadable manifest.json: not a JSON object", UNREADABLE_MANIFEST)
+    except _ManifestProblem as p:
+        return None, p.problem, p.code, ()
+    try:
+        return manifest, *_check_files(path, step, manifest, full, trust_pickle)
+    except _ManifestProblem as p:
+        return manifest, p.problem, p.code, ()
+
+
+def _check_files(path: Path, step: int, manifest: dict, full: bool,
+                 trust_pickle: bool) -> tuple[str | None, str | None, tuple[str, ...]]:
     fmt = manifest.get("format")
     if not isinstance(fmt, int) or isinstance(fmt, bool):
-        return manifest, "unknown manifest format (no integer 'format' key): not a trainsup checkpoint", UNKNOWN_FORMAT
+        return "unknown manifest format (no integer 'format' key): not a trainsup checkpoint", UNKNOWN_FORMAT, ()
     if fmt > FORMAT_VERSION:
-        return manifest, (
-            f"manifest format {fmt} is newer than this trainsup reads ({FORMAT_VERSION}): upgrade trainsup"
-        ), NEWER_FORMAT
+        return (f"manifest format {fmt} is newer than this trainsup reads ({FORMAT_VERSION}): upgrade trainsup",
+                NEWER_FORMAT, ())
     if fmt < 1:
-        return manifest, f"unknown manifest format {fmt}", UNKNOWN_FORMAT
+        return f"unknown manifest format {fmt}", UNKNOWN_FORMAT, ()
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
-        return manifest, f"manifest.json lacks {', '.join(missing)}", BAD_MANIFEST
+        return f"manifest.json lacks {', '.join(missing)}", BAD_MANIFEST, ()
     mstep = manifest["step"]
     if not isinstance(mstep, int) or isinstance(mstep, bool) or mstep != step:
-        return manifest, f"manifest says step {mstep!r} but the directory is {path.name}", STEP_MISMATCH
+        return f"manifest says step {_short(mstep)} but the directory is {path.name}", STEP_MISMATCH, ()
+    for key in ("epoch", "batch_in_epoch"):
+        value = manifest[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"manifest.json {key} must be an integer >= 0, got {_short(value)}", BAD_MANIFEST, ()
     files = manifest["files"]
     if not isinstance(files, list):
-        return manifest, "manifest.json 'files' is not a list", BAD_MANIFEST
+        return "manifest.json 'files' is not a list", BAD_MANIFEST, ()
+    listed: set[str] = set()
     for entry in files:
-        try:
-            rel, size, digest = entry["path"], int(entry["size"]), entry["sha256"]
-            if not isinstance(rel, str) or not rel:
-                raise TypeError
-        except (TypeError, KeyError, ValueError):
-            return manifest, f"manifest.json has a malformed file entry: {entry!r}", BAD_MANIFEST
+        rel, size, digest = _file_entry(entry)
         rel_path = Path(rel)
         if rel_path.is_absolute() or ".." in rel_path.parts or rel_path.as_posix() == MANIFEST:
-            return manifest, f"manifest.json lists a path outside the checkpoint: {rel}", PATH_OUTSIDE
+            return f"manifest.json lists a path outside the checkpoint: {_short(rel)}", PATH_OUTSIDE, ()
+        listed.add(rel_path.as_posix())
         fpath = path / rel_path
         # A symlinked sub-directory would lead outside the checkpoint: never follow one.
         parent = path
         for part in rel_path.parts[:-1]:
             parent = parent / part
             if parent.is_symlink():
-                return manifest, f"manifest.json lists a path outside the checkpoint: {rel} (through a symlink)", PATH_OUTSIDE
+                return (f"manifest.json lists a path outside the checkpoint: {_short(rel)} (through a symlink)",
+                        PATH_OUTSIDE, ())
         try:
             st = fpath.lstat()
         except FileNotFoundError:
-            return manifest, f"missing file: {rel}", MISSING_FILE
+            return f"missing file: {rel}", MISSING_FILE, ()
         except OSError as e:
-            return manifest, f"unreadable file {rel}: {e.strerror or e}", UNREADABLE_FILE
+            return f"unreadable file {rel}: {e.strerror or e}", UNREADABLE_FILE, ()
         if not stat.S_ISREG(st.st_mode):
             kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
-            return manifest, f"{rel} is {kind}", NOT_A_FILE
+            return f"{rel} is {kind}", NOT_A_FILE, ()
         if st.st_size != size:
-            return manifest, f"size mismatch: {rel} is {st.st_size} bytes, manifest says {size}", SIZE_MISMATCH
+            return f"size mismatch: {rel} is {st.st_size} bytes, manifest says {size}", SIZE_MISMATCH, ()
+        if not trust_pickle and safeload.needs_scan(rel):
+            try:
+                safeload.scan_file(fpath, rel)
+            except safeload.UnsafePickle as e:
+                return (f"refused: {e}; set {safeload.ENV_TRUST_PICKLE}=1 only for a checkpoint you made yourself",
+                        UNSAFE_PICKLE, ())
         if full:
             try:
                 actual = sha256_file(fpath)
             except OSError as e:
-                return manifest, f"unreadable file {rel}: {e.strerror or e}", UNREADABLE_FILE
+                return f"unreadable file {rel}: {e.strerror or e}", UNREADABLE_FILE, ()
             if actual != digest:
-                return manifest, (
-                    f"hash mismatch: {rel} (sha256 {actual[:12]}…, manifest {str(digest)[:12]}…)"
-                ), HASH_MISMATCH
-    return manifest, None, None
+                return f"hash mismatch: {rel} (sha256 {actual[:12]}…, manifest {digest[:12]}…)", HASH_MISMATCH, ()
+    strays = []
+    for rel in _unlisted(path, listed):
+        if _LOADED_RE.match(Path(rel).name):
+            return (f"{rel} is not in the manifest but would be loaded: remove it (or the checkpoint)",
+                    UNLISTED_FILE, ())
+        strays.append(rel)
+    return None, None, tuple(strays)
+
+
+def _unlisted(path: Path, listed: set[str]) -> list[str]:
+    """Relative paths of the files under `path` (not following symlinks) the manifest does not list."""
+    out = []
+    for root, dirs, names in os.walk(path):
+        base = Path(root).relative_to(path)
+        for name in names + [d for d in dirs if (Path(root) / d).is_symlink()]:
+            rel = (base / name).as_posix()
+            if rel != MANIFEST and rel not in listed:
+                out.append(rel)
+    return sorted(out)
 
 
 @dataclass
@@ -274,6 +370,8 @@ class CheckpointStore:
 
     root: Path
     _hash_threads: int = field(default=4, repr=False)
+    # TRAINSUP_TRUST_PICKLE: skip the pickle scan (a documented opt-in for your own old files)
+    trust_pickle: bool = False
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -331,8 +429,9 @@ class CheckpointStore:
             return Checkpoint(path, step, None, "is a symlink (trainsup never follows symlinks)", code=SYMLINK)
         if not path.is_dir():
             return Checkpoint(path, step, None, "not a directory", code=NOT_A_DIRECTORY)
-        manifest, problem, code = _check_manifest(path, step, full)
-        return Checkpoint(path, step, manifest, problem, checked_hashes=full and problem is None, code=code)
+        manifest, problem, code, strays = _check_manifest(path, step, full, self.trust_pickle)
+        return Checkpoint(path, step, manifest, problem, checked_hashes=full and problem is None, code=code,
+                          strays=strays)
 
     def latest_valid(self, *, full: bool = False) -> Checkpoint | None:
         """The newest valid checkpoint; with `full`, only the candidates' hashes are read,

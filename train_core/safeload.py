@@ -1,0 +1,173 @@
+"""Checkpoint files that can hold pickles: checked without torch, loaded without running code.
+
+A pickle is a program: its GLOBAL/STACK_GLOBAL opcodes import any callable and REDUCE calls
+it, so `torch.load(weights_only=False)` of a planted `random_states_0.pkl` runs the planter's
+code as the user. Two defences share one allow-list (ALLOWED_GLOBALS):
+
+- `scan_file` (torch-free, used by `trainsup checkpoints list/verify`, by the supervisor when it
+  picks a checkpoint and by the rank before it loads one) walks every pickle inside a torch
+  zip archive with `pickletools.genops` (which only parses, never executes) and names the
+  first import that is not on the list. A file in another format that torch would unpickle
+  (the pre-1.6 legacy format, a bare pickle) is refused: it cannot be checked the same way.
+- `load_torch_file` (in the rank) is `torch.load(weights_only=True)` with only the numpy
+  names of the list added to torch's own safe set.
+
+The list is what `accelerator.save_state` and trainsup write: tensors and their storages,
+OrderedDict, numpy arrays and dtypes (the RNG states), plain containers and numbers.
+`TRAINSUP_TRUST_PICKLE=1` (documented opt-in for checkpoints the user made and trusts, e.g.
+with objects from their own classes) skips the scan and loads registered objects with
+weights_only=False.
+"""
+
+from __future__ import annotations
+
+import os
+import pickletools
+import stat
+import zipfile
+from pathlib import Path
+from typing import Any
+
+ENV_TRUST_PICKLE = "TRAINSUP_TRUST_PICKLE"
+
+# Files something may unpickle (torch.load): everything else (.safetensors, .json) is data only.
+PICKLE_SUFFIXES = (".pkl", ".bin", ".pt", ".pth", ".ckpt")
+MAX_PICKLE_BYTES = 64 << 20  # one data.pkl member: tensors live in other members, this is metadata
+_ZIP_MAGIC = b"PK\x03\x04"
+
+_TORCH_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+                 "uint8", "bool", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2")
+_STORAGES = ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool",
+             "ComplexFloat", "ComplexDouble")
+# numpy names torch does not allow by itself (the rank adds exactly these to its safe globals)
+NUMPY_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *(("numpy.dtypes", f"{k}DType") for k in ("Bool", "Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32",
+                                             "Int64", "UInt64", "Float16", "Float32", "Float64")),
+})
+ALLOWED_GLOBALS = frozenset({
+    ("collections", "OrderedDict"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"),
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch", "Size"), ("torch", "device"),
+    *(("torch", name) for name in _TORCH_DTYPES),
+    *(("torch", f"{s}Storage") for s in _STORAGES),
+    *NUMPY_GLOBALS,
+})
+
+_MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+_MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
+_NO_PUSH = _MEMO_PUT | {"PROTO", "FRAME", "STOP", "POP", "POP_MARK", "SETITEM", "SETITEMS", "APPEND",
+                        "APPENDS", "ADDITEMS", "BUILD"}
+
+
+class UnsafePickle(Exception):
+    """The file needs more than the allow-list to load; the message names what and where."""
+
+
+def trust_pickle_from_env(env: Any = None) -> bool:
+    return (env if env is not None else os.environ).get(ENV_TRUST_PICKLE, "") in ("1", "true", "yes")
+
+
+def needs_scan(rel_path: str) -> bool:
+    return rel_path.lower().endswith(PICKLE_SUFFIXES)
+
+
+def scan_pickle(data: bytes, where: str = "pickle") -> None:
+    """Raise UnsafePickle when the pickle `data` imports anything outside ALLOWED_GLOBALS.
+
+    Tracks which strings are on top of the stack (with the memo) to resolve STACK_GLOBAL;
+    a STACK_GLOBAL whose two names cannot be resolved that way is refused, as are the
+    extension-registry opcodes. Parsing never executes anything.
+    """
+    pushed: list[str | None] = []  # the value each stack-pushing opcode pushed (None: not a str)
+    memo: dict[int, str | None] = {}
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            name = op.name
+            if name in ("GLOBAL", "INST"):
+                module, _, attr = str(arg).partition(" ")
+                _check_global(module, attr, where)
+                pushed.append(None)
+            elif name == "STACK_GLOBAL":
+                if len(pushed) < 2 or pushed[-1] is None or pushed[-2] is None:
+                    raise UnsafePickle(f"{where}: an import whose name cannot be read without running it")
+                _check_global(pushed[-2], pushed[-1], where)
+                pushed.append(None)
+            elif name in ("EXT1", "EXT2", "EXT4"):
+                raise UnsafePickle(f"{where}: imports through the copyreg extension registry")
+            elif name in _MEMO_PUT:
+                top = pushed[-1] if pushed else None
+                memo[len(memo) if name == "MEMOIZE" else int(arg)] = top
+            elif name in _MEMO_GET:
+                pushed.append(memo.get(int(arg)))
+            elif name not in _NO_PUSH:
+                is_str = isinstance(arg, str) and ("UNICODE" in name or "STRING" in name)
+                pushed.append(arg if is_str else None)
+    except UnsafePickle:
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed pickle is refused, whatever the parser says
+        raise UnsafePickle(f"{where}: not a readable pickle ({type(e).__name__}: {e})") from None
+
+
+def _check_global(module: str, attr: str, where: str) -> None:
+    if (module, attr) not in ALLOWED_GLOBALS:
+        raise UnsafePickle(f"{where} would import {module}.{attr} (not a tensor, array or plain value: "
+                           f"loading it could run code)")
+
+
+def scan_file(path: str | os.PathLike, rel: str | None = None) -> None:
+    """Raise UnsafePickle unless `path` is a torch zip archive whose pickles pass `scan_pickle`.
+
+    Opened without following symlinks or blocking (a FIFO is refused, not waited on).
+    """
+    rel = rel or Path(path).name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise UnsafePickle(f"{rel}: cannot open it to check it ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise UnsafePickle(f"{rel} is not a regular file")
+        head = f.read(4)
+        if head != _ZIP_MAGIC:
+            raise UnsafePickle(f"{rel} is not a torch zip archive (a legacy torch.save file or a bare pickle "
+                               "cannot be checked before it runs)")
+        f.seek(0)
+        try:
+            with zipfile.ZipFile(f) as z:
+                members = [i for i in z.infolist() if i.filename.endswith(".pkl")]
+                if not members:
+                    raise UnsafePickle(f"{rel}: a zip archive without torch's data.pkl")
+                for info in members:
+                    if info.file_size > MAX_PICKLE_BYTES:
+                        raise UnsafePickle(f"{rel}: {info.filename} is {info.file_size} bytes "
+                                           f"(more than {MAX_PICKLE_BYTES >> 20} MiB of pickle)")
+                    with z.open(info) as m:
+                        data = m.read(MAX_PICKLE_BYTES + 1)
+                    scan_pickle(data, f"{rel} ({info.filename})")
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as e:
+            raise UnsafePickle(f"{rel}: not a readable zip archive ({e})") from None
+
+
+def load_torch_file(path: str | os.PathLike, *, map_location: Any = "cpu", trust: bool = False) -> Any:
+    """torch.load with weights_only=True and the numpy names of ALLOWED_GLOBALS (in the rank).
+
+    `trust` (TRAINSUP_TRUST_PICKLE) loads with weights_only=False: only for files you made."""
+    import importlib
+
+    import torch
+
+    if trust:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    extra = []
+    for module, attr in sorted(NUMPY_GLOBALS):
+        try:
+            extra.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            continue  # numpy 1.x has numpy.core, 2.x numpy._core: the other one is missing
+    with torch.serialization.safe_globals(extra):
+        return torch.load(path, map_location=map_location, weights_only=True)
