@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import signal
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from typing import Any, Callable, Iterable, Mapping
 from supervisor import extensions
 from supervisor.errors import UserError
 from train_core.retention import RetentionError, RetentionPolicy
+from train_core.runfiles import ENV_SAVE_SIGNAL
+from train_core.signals import DEFAULT_SAVE_SIGNAL, parse_signal
 
 
 class JobConfigError(UserError):
@@ -42,6 +45,15 @@ SECTION_PARSERS: dict[str, Callable[[Mapping[str, Any]], Any]] = dict(extensions
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
 LAUNCHERS = ("accelerate", "python")
+
+# The signals TRAINSUP_SAVE_SIGNAL may name: ones nothing but a person or the supervisor sends.
+# SIGTERM and SIGINT are allowed: ranks already take them as stop requests
+# (train_core.signals.stop_signals), so naming one only merges "save" into "stop", and a rank
+# that handles them never dies of the save request. Everything else is refused: SIGKILL and
+# SIGSTOP cannot be caught; the others are also sent by the kernel, a terminal or a library
+# (SIGCHLD when a DataLoader worker exits, SIGSEGV on a crash, SIGALRM for timers, ...).
+SAVE_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "SIGTERM")
+_RUN_DIR_FIX = "use a dedicated directory such as runs/NAME"
 
 
 # --------------------------------------------------------------------------- sections
@@ -112,6 +124,71 @@ class JobConfig:
     stop: StopConfig = StopConfig()
     watch: WatchConfig = WatchConfig()
     sections: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def save_signal_of(job: JobConfig) -> int:
+    """The signal the supervisor sends a job's ranks to ask for a save (TRAINSUP_SAVE_SIGNAL).
+
+    [train] env first (load_job checked and normalised it), else the supervisor's own
+    environment (what build_launch passes on), else SIGUSR1. A bad name in the environment
+    raises JobConfigError (exit 2) rather than falling back to SIGUSR1, which would kill a rank
+    that handles another signal.
+    """
+    name = job.train.env.get(ENV_SAVE_SIGNAL)
+    if name is not None:
+        return int(check_save_signal(name, f"[train] env.{ENV_SAVE_SIGNAL}"))
+    name = os.environ.get(ENV_SAVE_SIGNAL) or DEFAULT_SAVE_SIGNAL  # empty = unset, as in the ranks
+    return int(check_save_signal(name, f"{ENV_SAVE_SIGNAL} in the environment"))
+
+
+def check_save_signal(value: str, where: str) -> signal.Signals:
+    """'USR2', 'sigusr2' or '12' -> signal.SIGUSR2; JobConfigError naming `where` otherwise."""
+    opts = ", ".join(f'"{c}"' for c in SAVE_SIGNALS)
+    try:
+        sig = parse_signal(value)
+    except ValueError:
+        sig = None
+    if sig is None:
+        guess = value.strip().upper()
+        guess = guess if guess.startswith("SIG") else "SIG" + guess
+        raise JobConfigError(f"{where} must be one of {opts}, got {value!r}: not a signal name"
+                             f"{_did_you_mean(guess, SAVE_SIGNALS)}")
+    if sig.name not in SAVE_SIGNALS:
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            why = f"{sig.name} cannot be caught, so a rank could not save on it"
+        else:
+            why = f"{sig.name} is also sent by the kernel, a terminal or a library, so ranks would save unasked"
+        got = repr(value) if value.strip() == sig.name else f"{value!r} ({sig.name})"
+        raise JobConfigError(f"{where} must be one of {opts}, got {got}: {why}")
+    return sig
+
+
+def _check_run_dir(run_dir: Path, where: str) -> None:
+    """Refuse a run dir that would be disastrous to chmod 0700 and prune: /, ~, a file."""
+    if "\x00" in str(run_dir):
+        raise JobConfigError(f"{where} {str(run_dir)!r} contains a NUL byte; {_RUN_DIR_FIX}")
+    real = run_dir.resolve()
+    if real == Path(real.anchor):
+        raise JobConfigError(f"{where} {run_dir} is the root directory; a run dir is made private (mode 0700) "
+                             f"and pruned: {_RUN_DIR_FIX}")
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError, OSError):  # no HOME and no passwd entry
+        home = None
+    if home is not None and real == home:
+        raise JobConfigError(f"{where} {run_dir} is your home directory; a run dir is made private (mode 0700) "
+                             f"and pruned: {_RUN_DIR_FIX}")
+    if home is not None and real in home.parents:
+        raise JobConfigError(f"{where} {run_dir} contains your home directory {home}; a run dir is made private "
+                             f"(mode 0700) and pruned: {_RUN_DIR_FIX}")
+    # The run dir, or the first part of it that exists, must be a directory (mkdir fails under a file).
+    for p in (run_dir, *run_dir.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                kind = "a file, not a directory" if p.is_file() else "not a directory"
+                what = "is" if p == run_dir else f"is inside {p}, which is"
+                raise JobConfigError(f"{where} {run_dir} {what} {kind}; {_RUN_DIR_FIX}")
+            break
 
 
 # --------------------------------------------------------------------------- reading tables
@@ -308,23 +385,33 @@ def parse_job(doc: Mapping[str, Any], *, base_dir: Path, job_file: Path | None =
     default_run_dir = base_dir / "runs" / (job_file.stem if job_file else "job")
     resolved_run_dir = top.path("run_dir", default_run_dir)
     if run_dir is not None:
-        resolved_run_dir = Path(run_dir).expanduser().absolute()
+        resolved_run_dir = Path(os.path.normpath(Path(run_dir).expanduser().absolute()))
+        _check_run_dir(resolved_run_dir, "--run-dir")
+    else:
+        _check_run_dir(resolved_run_dir, "run_dir")
 
     if "train" not in doc:
+        if "script" in doc:
+            raise JobConfigError("missing section [train]: script is at the top level; "
+                                 "put it under a [train] header")
         raise JobConfigError("missing section [train]; add [train] with script = \"train.py\"")
     t = _Table("[train]", top.table("train"), base_dir)
     script = t.path("script", None)
+    args = t.str_list("args")
+    env = t.table("env")
+    t.done()  # before "script is required": `scirpt = ...` is reported as a misspelling
     if script is None:
         t.fail('is required: the training script to run, e.g. script = "train.py"', "script")
     if check_script and not script.is_file():
         t.fail(f"file not found: {script} (relative paths start at the job file's directory {base_dir})", "script")
-    env = t.table("env")
+    env_str: dict[str, str] = {}
     for k, v in env.items():
         if isinstance(v, bool) or not isinstance(v, (str, int, float)):
             t.fail(f"must be a string, got {_type_name(v)} {v!r}", f"env.{k}")
-    train = TrainConfig(script=script, args=t.str_list("args"),
-                        env=MappingProxyType({k: str(v) for k, v in env.items()}))
-    t.done()
+        env_str[k] = str(v)
+    if ENV_SAVE_SIGNAL in env_str:  # launch passes the canonical name ("USR2" -> "SIGUSR2")
+        env_str[ENV_SAVE_SIGNAL] = check_save_signal(env_str[ENV_SAVE_SIGNAL], f"[train] env.{ENV_SAVE_SIGNAL}").name
+    train = TrainConfig(script=script, args=args, env=MappingProxyType(env_str))
 
     l = _Table("[launch]", top.table("launch"), base_dir)
     launch = LaunchConfig(

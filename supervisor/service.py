@@ -36,6 +36,8 @@ DROPIN_NAME = "job.conf"
 STOP_MARGIN_S = 20.0  # TimeoutStopSec = grace_s + kill_after_s + this
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A unit file is one setting per line: a newline in a value would start a directive of its own.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 TEMPLATE = """# trainsup@.service: one trainsup training job as a systemd USER service.
 #
@@ -64,6 +66,8 @@ Type=notify
 NotifyAccess=main
 ExecStart=/usr/bin/env trainsup run ${TRAINSUP_JOB}
 Environment=PYTHONUNBUFFERED=1
+# What trainsup creates (run dir, checkpoints, logs) is private to the user.
+UMask=0077
 
 # Stop: SIGTERM to the supervisor ONLY. It asks every rank to save at the next
 # step and waits [stop] grace_s (60 s) plus kill_after_s (10 s) before it kills
@@ -165,10 +169,31 @@ def find_trainsup() -> Path | None:
     return None
 
 
+def _refuse_control(what: str, value: str, fix: str) -> None:
+    """UserError (exit 2) when `value` holds a control character, which would break the unit file."""
+    m = _CONTROL_RE.search(value)
+    if m:
+        raise UserError(f"{what} {value!r} contains the control character {m.group()!r}, which would split "
+                        f"a unit file setting (a newline starts a new directive); {fix}")
+
+
 def render_dropin(job_path: Path, trainsup_exe: Path, *, stop_timeout_s: float,
                   env: Mapping[str, str] = {}, grace_note: str = "", run_dir: Path | None = None) -> str:
-    """The per-instance drop-in: which job, which trainsup, how long a stop may take."""
+    """The per-instance drop-in: which job, which trainsup, how long a stop may take.
+
+    Raises UserError for a value with a control character (it could inject unit directives).
+    """
+    _refuse_control("job file", str(job_path), "move the job to a path without control characters")
+    _refuse_control("trainsup executable", str(trainsup_exe),
+                    "install trainsup at a path without control characters, or pass --trainsup PATH")
     path_dirs = [str(trainsup_exe.parent)] + [d for d in SYSTEM_PATH if d != str(trainsup_exe.parent)]
+    for d in path_dirs:
+        _refuse_control("PATH entry", d, "install trainsup in a directory without control characters")
+    for key, value in env.items():
+        _refuse_control("--env key", key, "use a KEY of letters, digits and '_'")
+        _refuse_control(f"--env {key} value", value, "pass a one-line value without control characters")
+    if run_dir is not None:
+        _refuse_control("run_dir", str(run_dir), "use a dedicated directory such as runs/NAME")
     lines = [
         "# Written by `trainsup service install`; edit with `systemctl --user edit <unit>`.",
         "[Service]",
@@ -315,6 +340,11 @@ def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
             raise UserError(f"--env {pair!r}: expected KEY=VALUE, e.g. --env HF_HOME=/data/hf")
+        m = _CONTROL_RE.search(value)
+        if m:
+            raise UserError(f"--env {pair!r}: the value contains the control character {m.group()!r}, which "
+                            "would split a unit file setting (a newline starts a new directive); "
+                            "pass a one-line value")
         env[key] = value
     return env
 

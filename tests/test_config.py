@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import textwrap
 from pathlib import Path
 
@@ -96,6 +97,10 @@ def test_bad_values_name_the_key(tmp_path, extra, message):
     [
         ("[launch]\ncpu = true\n", "job.toml: missing section [train]"),
         ("[train]\nargs = []\n", "job.toml: [train] script is required"),
+        ("[train]\nscirpt = \"train.py\"\n", "job.toml: [train] unknown key 'scirpt' (did you mean 'script'?)"),
+        ("[trian]\nscript = \"train.py\"\n", "job.toml: unknown section [trian] (did you mean 'train'?)"),
+        ("script = \"train.py\"\n[launch]\ncpu = true\n",
+         "job.toml: missing section [train]: script is at the top level; put it under a [train] header"),
         ("[train]\nscript = \"missing.py\"\n", "job.toml: [train] script file not found:"),
         ("[train]\nscript = \"train.py\"\nargs = \"--lr 3\"\n", "[train] args must be an array of strings such as"),
         ("[train]\nscript = \"train.py\"\nenv = { A = [1] }\n", "job.toml: [train] env.A must be a string, got an array [1]"),
@@ -106,6 +111,121 @@ def test_train_section_errors(tmp_path, body, message):
     with pytest.raises(JobConfigError) as e:
         load_job(write_job(tmp_path, body))
     assert message in e.value.message
+
+
+def test_misspelt_required_key_is_not_reported_as_missing(tmp_path):
+    with pytest.raises(JobConfigError) as e:
+        load_job(write_job(tmp_path, "[train]\nscirpt = \"train.py\"\n"))
+    assert e.value.message == ("job.toml: [train] unknown key 'scirpt' (did you mean 'script'?); "
+                               "known keys: args, env, script")
+    assert "required" not in e.value.message and e.value.exit_code == 2
+
+
+SIGNAL_CHOICES = '"SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "SIGTERM"'
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ('"SIGFOO"', f"job.toml: [train] env.TRAINSUP_SAVE_SIGNAL must be one of {SIGNAL_CHOICES}, "
+                     "got 'SIGFOO': not a signal name"),
+        ('"USR3"', "got 'USR3': not a signal name (did you mean 'SIGUSR2'?)"),
+        ('"SIGKILL"', "got 'SIGKILL': SIGKILL cannot be caught, so a rank could not save on it"),
+        ('"9"', "got '9' (SIGKILL): SIGKILL cannot be caught"),
+        ('"STOP"', "got 'STOP' (SIGSTOP): SIGSTOP cannot be caught"),
+        ('"SIGCHLD"', "got 'SIGCHLD': SIGCHLD is also sent by the kernel, a terminal or a library"),
+        ('""', "got '': not a signal name"),
+    ],
+)
+def test_bad_save_signal_is_refused(tmp_path, value, message):
+    body = MINIMAL + f"env = {{ TRAINSUP_SAVE_SIGNAL = {value} }}\n"
+    with pytest.raises(JobConfigError) as e:
+        load_job(write_job(tmp_path, body))
+    assert message in e.value.message
+    assert "[train] env.TRAINSUP_SAVE_SIGNAL" in e.value.message
+    assert "\n" not in e.value.message and e.value.exit_code == 2
+
+
+@pytest.mark.parametrize("value, name, number", [
+    ('"USR2"', "SIGUSR2", signal.SIGUSR2), ('"sigusr2"', "SIGUSR2", signal.SIGUSR2),
+    ("12", "SIGUSR2", signal.SIGUSR2), ('"SIGTERM"', "SIGTERM", signal.SIGTERM), ('" HUP "', "SIGHUP", signal.SIGHUP),
+])
+def test_save_signal_is_normalised(tmp_path, monkeypatch, value, name, number):
+    monkeypatch.setenv("TRAINSUP_SAVE_SIGNAL", "SIGFOO")  # [train] env wins over the environment
+    job = load_job(write_job(tmp_path, MINIMAL + f"env = {{ TRAINSUP_SAVE_SIGNAL = {value}, A = \"1\" }}\n"))
+    assert dict(job.train.env) == {"TRAINSUP_SAVE_SIGNAL": name, "A": "1"}
+    assert cfg.save_signal_of(job) == number
+    # --set reaches the same check
+    job = load_job(write_job(tmp_path, MINIMAL), [f"train.env.TRAINSUP_SAVE_SIGNAL={value}"])
+    assert job.train.env["TRAINSUP_SAVE_SIGNAL"] == name
+    with pytest.raises(JobConfigError, match="TRAINSUP_SAVE_SIGNAL must be one of"):
+        load_job(write_job(tmp_path, MINIMAL), ["train.env.TRAINSUP_SAVE_SIGNAL=KILL"])
+
+
+def test_save_signal_of_falls_back_to_the_environment(tmp_path, monkeypatch):
+    job = load_job(write_job(tmp_path, MINIMAL))
+    monkeypatch.delenv("TRAINSUP_SAVE_SIGNAL", raising=False)
+    assert cfg.save_signal_of(job) == signal.SIGUSR1
+    monkeypatch.setenv("TRAINSUP_SAVE_SIGNAL", "")  # empty = unset, as in the ranks
+    assert cfg.save_signal_of(job) == signal.SIGUSR1
+    monkeypatch.setenv("TRAINSUP_SAVE_SIGNAL", "usr2")
+    assert cfg.save_signal_of(job) == signal.SIGUSR2
+    monkeypatch.setenv("TRAINSUP_SAVE_SIGNAL", "SIGUSR9")
+    with pytest.raises(JobConfigError) as e:
+        cfg.save_signal_of(job)
+    assert e.value.message.startswith("TRAINSUP_SAVE_SIGNAL in the environment must be one of")
+    assert "got 'SIGUSR9': not a signal name" in e.value.message and e.value.exit_code == 2
+    monkeypatch.setenv("TRAINSUP_SAVE_SIGNAL", "SIGKILL")
+    with pytest.raises(JobConfigError, match="SIGKILL cannot be caught"):
+        cfg.save_signal_of(job)
+
+
+RUN_DIR_FIX = "use a dedicated directory such as runs/NAME"
+
+
+def test_run_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    job = write_job(tmp_path, 'run_dir = "afile"\n' + MINIMAL)
+    with pytest.raises(JobConfigError) as e:
+        load_job(job)
+    assert e.value.message == f"job.toml: run_dir {tmp_path / 'afile'} is a file, not a directory; {RUN_DIR_FIX}"
+    assert e.value.exit_code == 2
+    with pytest.raises(JobConfigError, match=f"run_dir {tmp_path / 'afile' / 'x'} is inside {tmp_path / 'afile'}, "
+                                             "which is a file"):
+        load_job(job, ["run_dir='afile/x'"])
+    with pytest.raises(JobConfigError) as e:
+        load_job(write_job(tmp_path, MINIMAL), run_dir=tmp_path / "afile")
+    assert e.value.message == f"job.toml: --run-dir {tmp_path / 'afile'} is a file, not a directory; {RUN_DIR_FIX}"
+    with pytest.raises(JobConfigError, match=f"--run-dir /dev/null is not a directory; {RUN_DIR_FIX}"):
+        load_job(write_job(tmp_path, MINIMAL), run_dir="/dev/null")
+
+
+@pytest.mark.parametrize("where", ["job", "--run-dir"])
+def test_root_and_home_run_dirs_are_refused(tmp_path, monkeypatch, where):
+    home = tmp_path / "home" / "me"
+    home.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    key = "run_dir" if where == "job" else "--run-dir"
+
+    def load(value):
+        if where == "job":
+            return load_job(write_job(tmp_path, f"run_dir = {str(value)!r}\n" + MINIMAL))
+        return load_job(write_job(tmp_path, MINIMAL), run_dir=value)
+
+    for value in ("/", "/.."):
+        with pytest.raises(JobConfigError) as e:
+            load(value)
+        assert e.value.message == (f"job.toml: {key} / is the root directory; a run dir is made private "
+                                   f"(mode 0700) and pruned: {RUN_DIR_FIX}")
+    for value in (str(home), "~", str(home) + "/"):
+        with pytest.raises(JobConfigError) as e:
+            load(value)
+        assert e.value.message == (f"job.toml: {key} {home} is your home directory; a run dir is made private "
+                                   f"(mode 0700) and pruned: {RUN_DIR_FIX}")
+    with pytest.raises(JobConfigError, match=f"{key} {tmp_path / 'home'} contains your home directory {home}"):
+        load(tmp_path / "home")
+    assert load(home / "runs" / "gpt").run_dir == home / "runs" / "gpt"  # below home is fine
+    assert load("~/runs/gpt").run_dir == home / "runs" / "gpt"
 
 
 def test_missing_job_file(tmp_path):

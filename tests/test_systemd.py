@@ -57,10 +57,17 @@ def test_shipped_template_matches_repository_file() -> None:
 @pytest.mark.parametrize("line", [
     "Type=notify", "NotifyAccess=main", "KillMode=mixed", "TimeoutStopSec=90s", "Restart=on-failure",
     "SuccessExitStatus=75", "RestartPreventExitStatus=2 3 4", "StartLimitBurst=5", "OOMPolicy=continue",
-    "NoNewPrivileges=yes", "ExecStart=/usr/bin/env trainsup run ${TRAINSUP_JOB}",
+    "NoNewPrivileges=yes", "ExecStart=/usr/bin/env trainsup run ${TRAINSUP_JOB}", "UMask=0077",
 ])
 def test_template_has(line: str) -> None:
     assert line in svc.TEMPLATE.splitlines()
+
+
+def test_umask_is_in_the_service_section() -> None:
+    lines = svc.TEMPLATE.splitlines()
+    service, install = lines.index("[Service]"), lines.index("[Install]")
+    assert service < lines.index("UMask=0077") < install
+    assert "UMask=0077" in (REPO / "systemd" / "trainsup@.service").read_text().splitlines()
 
 
 def test_template_keeps_gpu_reachable() -> None:
@@ -196,6 +203,10 @@ def test_name_clash_needs_force(tmp_path, job, fake_trainsup) -> None:
     (["install", "{job}", "--name", "a b"], "Error: --name 'a b': use letters, digits"),
     (["install", "{job}", "--trainsup", "{tmp}/nope"], "Error: --trainsup {tmp}/nope: not an executable file"),
     (["install", "{job}", "--env", "1X=2"], "Error: --env '1X=2': expected KEY=VALUE"),
+    (["install", "{job}", "--env", "HF_HOME=/data\nExecStartPre=/bin/rm -rf ~"],
+     "Error: --env 'HF_HOME=/data\\nExecStartPre=/bin/rm -rf ~': the value contains the control character '\\n'"),
+    (["install", "{job}", "--env", "A=x\ty"], "Error: --env 'A=x\\ty': the value contains the control character '\\t'"),
+    (["install", "{job}", "--env", "A=x\x7f"], "Error: --env 'A=x\\x7f': the value contains the control character"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, job, fake_trainsup, args, message) -> None:
     fmt = {"tmp": tmp_path, "job": job}
@@ -206,6 +217,57 @@ def test_bad_input_exits_2_with_one_line(tmp_path, job, fake_trainsup, args, mes
     assert res.exit_code == 2
     assert res.output.startswith(message.format(**fmt)) and res.output.count("\n") == 1
     assert not (tmp_path / "u").exists()
+
+
+def _newline_job(tmp_path: Path) -> Path:
+    d = tmp_path / "jobs\nExecStartPre=evil" / "gpt"
+    d.mkdir(parents=True)
+    (d / "train.py").write_text("")
+    job = d / "job.toml"
+    job.write_text('[train]\nscript = "train.py"\n')
+    return job
+
+
+def test_newline_in_job_path_is_refused_and_nothing_written(tmp_path, fake_trainsup) -> None:
+    job = _newline_job(tmp_path)
+    units = tmp_path / "u"
+    res = CliRunner().invoke(svc.service, ["install", str(job), "--unit-dir", str(units),
+                                           "--trainsup", str(fake_trainsup)])
+    assert res.exit_code == 2, res.output
+    assert res.output == (f"Error: job file {str(job)!r} contains the control character '\\n', which would split "
+                          "a unit file setting (a newline starts a new directive); "
+                          "move the job to a path without control characters\n")
+    assert not units.exists()
+
+
+def test_newline_in_trainsup_path_is_refused_and_nothing_written(tmp_path, job) -> None:
+    exe = tmp_path / "venv\n[Service]" / "bin" / "trainsup"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    units = tmp_path / "u"
+    with pytest.raises(click.ClickException) as e:
+        svc.install_service(job, unit_dir=units, trainsup_exe=exe, systemd_running=False)
+    assert e.value.exit_code == 2
+    assert e.value.message.startswith(f"trainsup executable {str(exe)!r} contains the control character '\\n'")
+    assert not units.exists()
+
+
+@pytest.mark.parametrize("env", [{"A": "1\nExecStartPre=/bin/false"}, {"A\nB": "1"}, {"A": "\x00"}])
+def test_control_characters_in_env_are_refused_by_the_library_too(tmp_path, job, fake_trainsup, env) -> None:
+    units = tmp_path / "u"
+    with pytest.raises(click.ClickException) as e:
+        svc.install_service(job, unit_dir=units, trainsup_exe=fake_trainsup, env=env, systemd_running=False)
+    assert e.value.exit_code == 2 and "contains the control character" in e.value.message
+    assert "\n" not in e.value.message
+    assert not units.exists()
+
+
+def test_control_characters_in_run_dir_are_refused(tmp_path, job, fake_trainsup) -> None:
+    job.write_text('run_dir = "out\\nExecStartPre=/bin/false"\n[train]\nscript = "train.py"\n')
+    with pytest.raises(click.ClickException, match=r"^run_dir '.*out\\nExecStartPre=/bin/false' contains the "
+                                                   r"control character '\\n'"):
+        svc.plan_service(job, unit_dir=tmp_path / "u", trainsup_exe=fake_trainsup)
 
 
 def test_print_writes_nothing(tmp_path, job, fake_trainsup, monkeypatch) -> None:
