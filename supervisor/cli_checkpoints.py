@@ -110,6 +110,7 @@ def _report(run_dir: Path, store: CheckpointStore, ckpts: list[Checkpoint], full
     valid = [c for c in ckpts if c.valid]
     newest = valid[-1].step if valid else None
     tmp_names = [p.name for p in store.tmp_dirs()] if any_tmp else []
+    quarantined = [q.path.name for q in store.quarantined()]
     if as_json:
         click.echo(json.dumps({
             "run_dir": str(run_dir),
@@ -120,6 +121,7 @@ def _report(run_dir: Path, store: CheckpointStore, ckpts: list[Checkpoint], full
             "invalid": len(ckpts) - len(valid),
             "newest_valid_step": newest,
             "uncommitted": tmp_names,
+            "quarantined": quarantined,
             "checkpoints": [checkpoint_json(c, now) for c in ckpts],
         }, indent=2, allow_nan=False))
         return
@@ -141,6 +143,9 @@ def _report(run_dir: Path, store: CheckpointStore, ckpts: list[Checkpoint], full
     if tmp_names:
         click.echo(f"{len(tmp_names)} uncommitted save(s) ({', '.join(tmp_names)}): in progress, or left by a "
                    "crash and removed on the next start")
+    if quarantined:
+        click.echo(f"{len(quarantined)} quarantined (failed to load, never resumed from): {', '.join(quarantined)}; "
+                   "`trainsup checkpoints prune --invalid` removes them")
 
 
 # --------------------------------------------------------------------------- commands
@@ -282,6 +287,11 @@ def _prune(run_dir: Path, store: CheckpointStore, ckpts: list[Checkpoint], polic
     doomed_steps = set(plan.delete)
     doomed: list[Checkpoint] = []
     kept: list[tuple[Checkpoint, list[str]]] = []
+    for q in store.quarantined():  # moved aside after failing to load: invalid by definition
+        if remove_invalid:
+            doomed.append(q)
+        else:
+            kept.append((q, [f"{q.problem}: pass --invalid to remove it"]))
     for c in ckpts:
         if c.valid:
             if c.step in doomed_steps and c.step not in plan.keep:

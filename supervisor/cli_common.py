@@ -12,6 +12,7 @@ from pathlib import Path
 from supervisor.errors import UserError
 from train_core import store as store_mod
 from train_core.runfiles import RunPaths
+from train_core.safeload import trust_pickle_from_env
 from train_core.store import Checkpoint, CheckpointStore, StoreError
 
 
@@ -124,7 +125,7 @@ def _open_store(run_dir: Path, for_writing: bool) -> tuple[CheckpointStore, list
     if for_writing and not os.access(ckpt_dir, os.W_OK | os.X_OK):
         raise UserError(f"{ckpt_dir}: permission denied (not writable); run as its owner or fix it with "
                         f"`chmod u+w {ckpt_dir}`; nothing was deleted")
-    store = CheckpointStore(ckpt_dir)
+    store = CheckpointStore(ckpt_dir, trust_pickle=trust_pickle_from_env())
     try:
         ckpts = store.scan()
         any_tmp = bool(store.tmp_dirs())

@@ -59,6 +59,7 @@ class Classification:
     kind: ExitKind
     detail: str  # one line for events.jsonl and the log
     checkpoint: str | None = None  # resume_failed: the checkpoint that failed to load
+    transient: bool = False  # resume_failed by OOM/I-O/timeout (retried in the rank): fall back, keep it
 
 
 _PRIORITY = ("bad_input", "resume_failed", "oom", "error")
@@ -95,7 +96,7 @@ def classify_exit(
             if kind == "resume_failed":
                 ckpt = r.get("checkpoint")
                 return Classification(ExitKind.RESUME_FAILED, f"{where} could not resume from {ckpt}: {detail}",
-                                      checkpoint=str(ckpt) if ckpt else None)
+                                      checkpoint=str(ckpt) if ckpt else None, transient=r.get("transient") is True)
             return Classification(ExitKind.ERROR, f"{where} failed: {detail}")
     complete = len(reports) >= expected_ranks
     if complete and set(by_kind) == {"finished"}:

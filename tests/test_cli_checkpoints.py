@@ -104,7 +104,7 @@ def test_list_json_schema(run):
     assert r.exit_code == 0
     doc = json.loads(r.output)
     assert set(doc) == {"run_dir", "checkpoints_dir", "full_check", "count", "valid", "invalid",
-                        "newest_valid_step", "uncommitted", "checkpoints"}
+                        "newest_valid_step", "uncommitted", "quarantined", "checkpoints"}
     assert doc["run_dir"] == str(run) and doc["checkpoints_dir"] == str(run / "checkpoints")
     assert (doc["full_check"], doc["count"], doc["valid"], doc["invalid"], doc["newest_valid_step"]) == \
         (False, 5, 4, 1, 500)

@@ -43,6 +43,7 @@ MANIFEST = "manifest.json"
 STEP_DIGITS = 8
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TMP_RE = re.compile(r"^\.tmp-(?:del-)?step-(\d+)-(\d+)$")
+_QUARANTINE_RE = re.compile(r"^failed-step-(\d+)-(\d+)$")  # a checkpoint that failed to load, kept as evidence
 _HASH_CHUNK = 8 << 20
 _REQUIRED = ("format", "step", "epoch", "batch_in_epoch", "created_at", "files")
 
@@ -65,10 +66,11 @@ NOT_A_DIRECTORY = "not_a_directory"
 BAD_NAME = "bad_name"
 UNSAFE_PICKLE = "unsafe_pickle"  # a file that would need arbitrary unpickling to load (safeload)
 UNLISTED_FILE = "unlisted_file"  # a file load_state would read that the manifest does not list
+QUARANTINED = "quarantined"  # failed-step-N-<time>: the ranks could not load it; moved aside
 PROBLEM_CODES = (
     MISSING_MANIFEST, UNREADABLE_MANIFEST, UNKNOWN_FORMAT, NEWER_FORMAT, BAD_MANIFEST, STEP_MISMATCH,
     PATH_OUTSIDE, MISSING_FILE, UNREADABLE_FILE, NOT_A_FILE, SIZE_MISMATCH, HASH_MISMATCH,
-    DUPLICATE_STEP, SYMLINK, NOT_A_DIRECTORY, BAD_NAME, UNSAFE_PICKLE, UNLISTED_FILE,
+    DUPLICATE_STEP, SYMLINK, NOT_A_DIRECTORY, BAD_NAME, UNSAFE_PICKLE, UNLISTED_FILE, QUARANTINED,
 )
 
 
@@ -443,6 +445,25 @@ class CheckpointStore:
                 return ckpt
         return None
 
+    def quarantined(self) -> list[Checkpoint]:
+        """Checkpoints the supervisor moved aside after a deterministic load failure, oldest first
+        (never resumed from; `trainsup checkpoints prune --invalid` removes them)."""
+        if not self._check_root():
+            return []
+        found = sorted((int(m.group(1)), n) for n in os.listdir(self.root) if (m := _QUARANTINE_RE.match(n)))
+        return [Checkpoint(self.root / n, step, None, "quarantined: the ranks could not load it", code=QUARANTINED)
+                for step, n in found]
+
+    def quarantine(self, ckpt: Checkpoint, now_s: float) -> Path:
+        """Move a checkpoint that failed to load out of the way (renamed, not deleted: it is
+        evidence), so that step can be committed anew. Returns where it went."""
+        if ckpt.path.parent != self.root or not _STEP_RE.match(ckpt.path.name) or ckpt.path.is_symlink():
+            raise StoreError(f"refusing to quarantine {ckpt.path}: not a checkpoint inside {self.root}")
+        target = self.root / f"failed-{step_dir_name(ckpt.step)}-{int(now_s)}"
+        os.rename(ckpt.path, target)
+        fsync_dir(self.root)
+        return target
+
     def tmp_dirs(self) -> list[Path]:
         if not self._check_root():
             return []
@@ -535,7 +556,8 @@ class CheckpointStore:
         this store's root, a symlink, or reached through a symlinked root; nothing is followed.
         """
         path = ckpt.path if isinstance(ckpt, Checkpoint) else Path(ckpt)
-        if path.parent != self.root or not (_STEP_RE.match(path.name) or _TMP_RE.match(path.name)):
+        if path.parent != self.root or not (_STEP_RE.match(path.name) or _TMP_RE.match(path.name)
+                                            or _QUARANTINE_RE.match(path.name)):
             raise StoreError(f"refusing to delete {path}: not a checkpoint inside {self.root}")
         if self.root.is_symlink():
             raise StoreError(f"refusing to delete {path}: {self.root} is a symlink (trainsup never follows symlinks)")
