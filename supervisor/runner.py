@@ -286,6 +286,48 @@ class Runner:
                     w.wakeup = self.wake
 
     def _teardown(self) -> None:
+        a = self.attempt
+        if (self.state is None or not self.state.terminal) and a is not None and L.descendants():
+            # The loop died (an internal error; a KeyboardInterrupt, which SIGINT's handler should
+            # rule out, alike): only the state machine kills ranks, so they are asked to save as
+            # on a normal stop, and escalated to SIGTERM, then SIGKILL, only if they do not exit.
+            grace, before = (0.0 if a.hung else self.job.stop.grace_s), self.newest_step
+            log.warning("asking the ranks to save and stop before the supervisor exits (up to %g s, then "
+                        "SIGTERM, SIGKILL after %g s; Ctrl-C twice stops at once)", grace, self.job.stop.kill_after_s)
+            try:
+                self._set_control(stop=True, reason=f"supervisor error: {self.exit_reason or 'internal error'}")
+                self._signal_ranks(a)
+            except Exception:  # noqa: BLE001
+                log.exception("could not ask the ranks to save")
+            t0, term_at = time.monotonic(), None
+            while L.descendants():
+                L.reap(self._children(), subreaper=self.subreaper)
+                kill_now = False
+                while self._pending:  # the loop is gone: only Ctrl-C twice is heard here
+                    if self._pending.popleft() == signal.SIGINT:
+                        kill_now = kill_now or getattr(self, "_sigint_seen", False)
+                        self._sigint_seen = True
+                t = time.monotonic()
+                try:
+                    self._signal_ranks(a)  # ranks that registered since
+                    if kill_now or (term_at is not None and t - term_at >= self.job.stop.kill_after_s):
+                        self._escalate(self.clock(), signal.SIGKILL)
+                        break
+                    if term_at is None and t - t0 >= grace:
+                        self._escalate(self.clock(), signal.SIGTERM)
+                        term_at = t
+                except Exception:  # noqa: BLE001
+                    log.exception("could not stop the ranks")
+                    break
+                time.sleep(0.05)
+            L.reap(self._children(), subreaper=self.subreaper)
+            try:
+                self._refresh_checkpoints(self.clock())
+                if self.newest_step > before:
+                    self.exit_reason = (f"{self.exit_reason}; the ranks saved: checkpoint step "
+                                        f"{self.newest_step} committed").lstrip("; ")
+            except Exception:  # noqa: BLE001
+                log.exception("could not read the checkpoints")
         now = self.clock()
         left = L.descendants()
         if left:
@@ -388,6 +430,12 @@ class Runner:
             if sig not in STOP_SIGNALS:
                 continue
             name = signal.Signals(sig).name
+            active = self.state in (State.STARTING, State.RUNNING, State.STOPPING)
+            # Only Ctrl-C twice skips the save. Any other signal during a stop (a scheduler's
+            # SIGTERM, the SIGHUP of a terminal closed after a Ctrl-C) lets the save go on.
+            second_ctrl_c = sig == signal.SIGINT and getattr(self, "_sigint_seen", False)
+            if sig == signal.SIGINT:
+                self._sigint_seen = True
             if self.user_stop is None:
                 self.user_stop = sig
                 self.events.append("stop_requested", now, signal=name)
@@ -402,13 +450,22 @@ class Runner:
                                  f"{name} received with no attempt running"
                                  + (f"; newest checkpoint step {self.newest_step}" if has else ""))
                     return
-            elif not self.stop_now and self.state in (State.STARTING, State.RUNNING, State.STOPPING):
+                if sig == signal.SIGINT:
+                    log.info("Ctrl-C again to stop at once without saving")
+            elif second_ctrl_c and not self.stop_now and active:
                 self.stop_now = True
                 self.events.append("stop_now", now, signal=name)
                 log.warning("second %s: killing the run now", name)
                 if self.state != State.STOPPING:
                     self._request_stop(now, f"second {name}: stop now")
                 self._escalate(now, signal.SIGKILL)
+            else:
+                first = signal.Signals(self.user_stop).name
+                why = "already stopping at once" if self.stop_now else "the save goes on"
+                self.events.append("signal_ignored", now, signal=name, stop_signal=first, reason=why)
+                log.info("received %s while stopping on %s: ignored, %s", name, first, why)
+                if sig == signal.SIGINT and not self.stop_now and active:
+                    log.info("Ctrl-C again to stop at once without saving")
 
     # -- heartbeat, checkpoints, watchers ----------------------------------------
     def _read_heartbeat(self, now: float) -> None:
