@@ -124,6 +124,9 @@ class JobConfig:
     stop: StopConfig = StopConfig()
     watch: WatchConfig = WatchConfig()
     sections: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # A run dir deliberately shared with the group (a cluster project dir): group members may
+    # write it and own files in it. Off: anything writable by others is refused (exit 2).
+    group_shared: bool = False
 
 
 def save_signal_of(job: JobConfig) -> int:
@@ -500,8 +503,9 @@ def parse_job(doc: Mapping[str, Any], *, base_dir: Path, job_file: Path | None =
         except (ValueError, TypeError) as e:
             msg = str(e)
             raise JobConfigError(msg if msg.startswith("[") else f"[{name}] {msg}") from None
+    group_shared = top.bool("group_shared", False)
     top.done()
 
     return JobConfig(job_file=job_file, run_dir=Path(resolved_run_dir), train=train, launch=launch,
                      checkpoint=checkpoint, retention=retention, restart=restart, stop=stop, watch=watch,
-                     sections=MappingProxyType(sections))
+                     sections=MappingProxyType(sections), group_shared=group_shared)

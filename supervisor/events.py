@@ -22,8 +22,8 @@ class EventLog:
     def __init__(self, path: str | os.PathLike, *, durable: bool = True) -> None:
         self.path = Path(path)
         self.durable = durable
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         self.last: dict[str, Any] | None = None
         self._failing = False
 

@@ -6,10 +6,12 @@ Why it looks like this (facts.md):
 - The child gets its own session (so Ctrl-C on the terminal reaches only the supervisor,
   which then asks the ranks to save) and default signal dispositions with nothing
   blocked (a child of a non-interactive shell job would otherwise inherit "ignore SIGINT").
-- The launcher gets PR_SET_PDEATHSIG(SIGTERM): if the supervisor dies, even by SIGKILL,
-  the launcher is told; a multi-rank launcher forwards SIGTERM to every rank (ranks save
-  and exit), a 1-process launcher dies and its rank, which watches
-  TRAINSUP_SUPERVISOR_PID, saves and exits on its own.
+- A multi-rank launcher gets PR_SET_PDEATHSIG(SIGTERM): if the supervisor dies, even by
+  SIGKILL, it forwards SIGTERM to every rank (ranks save and exit) and SIGKILLs them only
+  after PET_SHUTDOWN_TIMEOUT (set above grace + kill_after). The 1-process launcher
+  (accelerate 1.16) would SIGKILL its rank 5 s after a SIGTERM, cutting a longer save
+  short, so it gets no death signal: its rank watches TRAINSUP_SUPERVISOR_PID, saves and
+  exits on its own, and gives up after TRAINSUP_STOP_WINDOW_S (grace + kill_after).
 - The supervisor is a child subreaper: ranks orphaned by a dying launcher are re-parented
   to it, so they stay visible (and killable) as its descendants and are reaped here.
 - The 1-process launcher does not forward SIGUSR1 and the multi-rank one does not either:
@@ -70,12 +72,12 @@ def set_child_subreaper() -> bool:
     return True
 
 
-def _child_preexec(parent_pid: int) -> None:
+def _child_preexec(parent_pid: int, death_signal: bool) -> None:
     """Runs in the forked child before exec: only async-signal-safe-ish, allocation-light work."""
     for sig in _RESET_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    if _LIBC is not None:
+    if _LIBC is not None and death_signal:
         _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     if os.getppid() != parent_pid:  # the supervisor died between fork and prctl
         os._exit(1)
@@ -92,6 +94,7 @@ class LaunchPlan:
     argv: tuple[str, ...]
     env: Mapping[str, str]
     world_size_local: int  # ranks this launcher starts
+    death_signal: bool = True  # PR_SET_PDEATHSIG(SIGTERM) on the launcher (see the module doc)
 
 
 def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supervisor_pid: int,
@@ -116,6 +119,11 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
     env[runfiles.ENV_ATTEMPT] = str(attempt)
     env.setdefault(runfiles.ENV_SAVE_SIGNAL, "SIGUSR1")
     env[runfiles.ENV_SUPERVISOR_PID] = str(supervisor_pid)
+    env[runfiles.ENV_STOP_WINDOW_S] = str(job.stop.grace_s + job.stop.kill_after_s)
+    if job.group_shared:
+        env[runfiles.ENV_GROUP_SHARED] = "1"
+    else:
+        env.pop(runfiles.ENV_GROUP_SHARED, None)
     if job.checkpoint.interval_steps:
         env[runfiles.ENV_CHECKPOINT_INTERVAL_STEPS] = str(job.checkpoint.interval_steps)
     if resume_from is not None:
@@ -174,7 +182,7 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
         argv += ["--tee", "3", "--role", "rank", "--log_dir", str(paths.logs / f"attempt-{attempt}-ranks")]
     argv += list(lc.extra_args)
     argv += script
-    return LaunchPlan(tuple(argv), env, nproc or 1)
+    return LaunchPlan(tuple(argv), env, nproc or 1, death_signal=multi)
 
 
 @dataclass
@@ -192,8 +200,9 @@ class Child:
 
 
 def spawn(plan: LaunchPlan, log_path: Path, *, cwd: Path | None = None) -> Child:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab", buffering=0) as logf:
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "ab", buffering=0) as logf:
         popen = subprocess.Popen(
             plan.argv,
             env=dict(plan.env),
@@ -202,7 +211,7 @@ def spawn(plan: LaunchPlan, log_path: Path, *, cwd: Path | None = None) -> Child
             stderr=subprocess.STDOUT,
             cwd=cwd,
             start_new_session=True,  # own session + process group: pid == pgid == sid
-            preexec_fn=lambda parent=os.getpid(): _child_preexec(parent),
+            preexec_fn=lambda parent=os.getpid(), death=plan.death_signal: _child_preexec(parent, death),
             close_fds=True,
         )
     return Child(pid=popen.pid, log_path=log_path, popen=popen)
@@ -259,13 +268,40 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def is_descendant(pid: int) -> bool:
+def descendant_start_time(pid: int) -> float | None:
+    """When `pid` started, if it is a live descendant of this process; None otherwise.
+
+    A pid read from a file in the run dir is only a claim: a stale or planted rank file may
+    name any process. Recording the start time at first sight and comparing it before each
+    signal also guards against the pid being reused once the rank is gone."""
     me = os.getpid()
     try:
         proc = psutil.Process(pid)
-        return any(parent.pid == me for parent in proc.parents())
+        if not any(parent.pid == me for parent in proc.parents()) or proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
     except psutil.Error:
+        return None
+
+
+def send_verified(pid: int, start_time: float, sig: int) -> bool:
+    """Signal `pid` only while it is still the descendant that started at `start_time`."""
+    if descendant_start_time(pid) != start_time:
         return False
+    return send(pid, sig)
+
+
+def descendant_groups() -> set[int]:
+    """The process groups of this process's live descendants (never our own group): what an
+    escalation signals, so no group outside the run is ever touched."""
+    groups = set()
+    for p in descendants():
+        try:
+            groups.add(os.getpgid(p.pid))
+        except (ProcessLookupError, PermissionError):
+            continue
+    groups.discard(os.getpgrp())
+    return groups
 
 
 def send(pid: int, sig: int) -> bool:
@@ -291,10 +327,3 @@ def send_group(pgid: int, sig: int) -> bool:
         if e.errno != errno.EPERM:
             raise
         return False
-
-
-def process_group(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except (ProcessLookupError, PermissionError):
-        return None

@@ -31,9 +31,9 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import filelock
 
-from supervisor import extensions
+from supervisor import extensions, rundir
 from supervisor import launch as L
-from supervisor.config import JobConfig
+from supervisor.config import JobConfig, save_signal_of
 from supervisor.errors import EXIT_GAVE_UP, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, LockedError
 from supervisor.events import EventLog, read_events
 from supervisor.thermal import GpuConfig, next_batch_shape, oom_give_up_reason
@@ -49,7 +49,7 @@ from supervisor.policy import (
     exit_code_for_stop,
 )
 from supervisor.watch import Action, Watcher
-from train_core import runfiles
+from train_core import runfiles, safeload
 from train_core.retention import Entry, plan_retention
 from train_core.store import Checkpoint, CheckpointStore, StoreError
 
@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 LOCK_PID_SUFFIX = ".pid"
+OLD_RANKS_MARGIN_S = 10.0  # waiting for an earlier run's ranks: their stop window plus this
 
 
 class State(enum.Enum):
@@ -124,10 +125,15 @@ def build_watchers(job: JobConfig) -> list[Watcher]:
 # --------------------------------------------------------------------------- lock
 
 
-def acquire_run_lock(run_dir: Path) -> filelock.BaseFileLock:
-    """One supervisor per run dir; LockedError (exit 4) names the PID holding it."""
+def acquire_run_lock(run_dir: Path, *, group_shared: bool = False) -> filelock.BaseFileLock:
+    """One supervisor per run dir; LockedError (exit 4) names the PID holding it.
+
+    First the run dir is made private, or refused when someone else could have written it
+    (rundir.secure_run_dir, exit 2). The lock and pid files are never followed as symlinks."""
+    for note in rundir.secure_run_dir(run_dir, group_shared=group_shared):
+        log.info("%s", note)
     paths = runfiles.RunPaths(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    os.close(rundir.open_nofollow(paths.lock, os.O_RDONLY | os.O_CREAT))  # filelock would follow a link
     lock = filelock.FileLock(str(paths.lock), timeout=0)
     pid_file = Path(str(paths.lock) + LOCK_PID_SUFFIX)
     try:
@@ -140,9 +146,7 @@ def acquire_run_lock(run_dir: Path) -> filelock.BaseFileLock:
             pass
         raise LockedError(f"run dir {run_dir} is locked by another supervisor ({holder}); "
                           "stop it first (trainsup status shows it) or use another --run-dir") from None
-    tmp = pid_file.with_name(pid_file.name + ".tmp")
-    tmp.write_text(f"{os.getpid()}\n")
-    os.replace(tmp, pid_file)
+    rundir.write_pid_file(pid_file, os.getpid())
     return lock
 
 
@@ -169,7 +173,9 @@ class Attempt:
     kill_sent_at: float | None = None
     hung: bool = False
     signalled: set[int] = field(default_factory=set)
-    rank_pids: dict[int, int] = field(default_factory=dict)
+    rank_pids: dict[int, int] = field(default_factory=dict)  # verified descendants only
+    pid_started: dict[int, float] = field(default_factory=dict)  # pid -> start time when first verified
+    refused_pids: set[int] = field(default_factory=set)  # named in a rank file, not of this run
     log_offset: int = 0
     log_partial: bytes = b""
     launcher_exit_logged: bool = False
@@ -191,8 +197,10 @@ class Runner:
         install_signals: bool = True,
     ) -> None:
         self.job = job
+        self.save_signal = save_signal_of(job)  # exit 2 now for a bad TRAINSUP_SAVE_SIGNAL
         self.paths = runfiles.RunPaths(job.run_dir)
-        self.store = CheckpointStore(self.paths.checkpoints)
+        self.store = CheckpointStore(self.paths.checkpoints, trust_pickle=safeload.trust_pickle_from_env(
+            {**os.environ, **job.train.env}))
         self.watchers = list(watchers)
         self.reporter = reporter or NullReporter()
         self.clock = clock
@@ -235,7 +243,7 @@ class Runner:
         self._pending.append(signum)
 
     def run(self) -> int:
-        lock = acquire_run_lock(self.job.run_dir)
+        lock = acquire_run_lock(self.job.run_dir, group_shared=self.job.group_shared)
         try:
             self._setup()
             try:
@@ -263,8 +271,13 @@ class Runner:
     # -- setup / teardown -----------------------------------------------------
     def _setup(self) -> None:
         for d in (self.paths.logs, self.paths.ranks, self.paths.checkpoints):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.events = EventLog(self.paths.events)
+        # Ranks of an earlier supervisor (SIGKILLed) may still be saving: never two sets at once.
+        waited_s = rundir.wait_for_old_ranks(self.paths, self.job.stop.grace_s + self.job.stop.kill_after_s
+                                             + OLD_RANKS_MARGIN_S)
+        if waited_s:
+            log.info("the earlier run's ranks are gone after %.1f s; starting", waited_s)
         for p in self.store.remove_stale_tmp():
             log.info("removed stale uncommitted save %s", p.name)
         # Attempt numbers are unique in a run dir, across supervisors: a heartbeat or exit report
@@ -499,7 +512,7 @@ class Runner:
         self._ckpt_stamp = stamp
         try:
             self.checkpoints = self.store.scan()
-        except StoreError as e:
+        except Exception as e:  # noqa: BLE001 - the run dir is untrusted input: never die of a scan
             log.error("cannot read checkpoints: %s", e)
             return
         newest = max((c.step for c in self.checkpoints if c.valid), default=-1)
@@ -639,10 +652,23 @@ class Runner:
         return lc.launcher == "accelerate" and ((lc.num_processes or 1) > 1 or lc.num_machines > 1)
 
     def _rank_files(self, a: Attempt) -> dict[int, int]:
+        """Rank -> pid from ranks/rank-R.json of this attempt, for pids that are our descendants
+        (their start time recorded: a later signal checks it, so a reused pid is never hit)."""
         for p in self.paths.ranks.glob("rank-*.json"):
             info = runfiles.read_json(p)
-            if info and info.get("attempt") == a.number and isinstance(info.get("pid"), int):
-                a.rank_pids[int(info.get("rank", -1))] = info["pid"]
+            if not (info and info.get("attempt") == a.number and isinstance(info.get("pid"), int)
+                    and isinstance(info.get("rank", -1), int)):
+                continue
+            pid = info["pid"]
+            if pid in a.pid_started or pid in a.refused_pids:
+                continue
+            started = L.descendant_start_time(pid)
+            if started is None:
+                a.refused_pids.add(pid)
+                log.warning("%s names pid %d, which is not a process of this run: ignored", p.name, pid)
+                continue
+            a.pid_started[pid] = started
+            a.rank_pids[int(info.get("rank", -1))] = pid
         return a.rank_pids
 
     def _exit_reports(self, a: Attempt) -> list[dict[str, Any]]:
@@ -653,24 +679,13 @@ class Runner:
                 out.append(info)
         return out
 
-    def _save_signal(self, a: Attempt) -> int:
-        name = a.plan.env.get(runfiles.ENV_SAVE_SIGNAL, "SIGUSR1")
-        try:
-            return int(signal.Signals[name])
-        except KeyError:
-            return int(signal.SIGUSR1)
-
     def _signal_ranks(self, a: Attempt) -> None:
-        sig = self._save_signal(a)
         for rank, pid in sorted(self._rank_files(a).items()):
             if pid in a.signalled:
                 continue
             a.signalled.add(pid)
-            if not L.is_descendant(pid):
-                log.warning("rank %d pid %d is not a process of this run: not signalled", rank, pid)
-                continue
-            if L.send(pid, sig):
-                log.info("sent %s to rank %d (pid %d)", signal.Signals(sig).name, rank, pid)
+            if L.send_verified(pid, a.pid_started[pid], self.save_signal):
+                log.info("sent %s to rank %d (pid %d)", signal.Signals(self.save_signal).name, rank, pid)
 
     def _request_stop(self, now: float, cause: str, *, hung: bool = False) -> None:
         a = self.attempt
@@ -684,19 +699,11 @@ class Runner:
         if self.state != State.STOPPING:
             self._transition(State.STOPPING, now, cause, grace_s=0 if hung else self.job.stop.grace_s)
 
-    def _groups(self, a: Attempt) -> set[int]:
-        groups = {a.child.pid}  # the launcher's session/group (1-process ranks live in it)
-        for pid in self._rank_files(a).values():
-            g = L.process_group(pid)
-            if g is not None:
-                groups.add(g)
-        return groups
-
     def _escalate(self, now: float, sig: int) -> None:
         a = self.attempt
         if a is None:
             return
-        groups = sorted(self._groups(a))
+        groups = sorted(L.descendant_groups())  # the launcher's and each rank's, nothing else
         for g in groups:
             L.send_group(g, sig)
         if sig == signal.SIGKILL:
@@ -779,7 +786,10 @@ class Runner:
                            ranks_reported=len(reports), duration_s=round(now - a.started_at, 3))
         log.info("attempt %d ended: %s (%s)", a.number, c.kind.value, c.detail)
         if c.kind is ExitKind.RESUME_FAILED and a.resume is not None:
-            self._quarantine(a.resume, now, c.detail)
+            if c.transient:  # out of memory / I/O / timeout, retried by the ranks: nothing wrong with it
+                self._skip_checkpoint(a.resume, now, c.detail)
+            else:
+                self._quarantine(a.resume, now, c.detail)
         if self.user_stop is not None:
             saved = self.newest_step > a.newest_at_stop or (c.kind is ExitKind.SAVED and self.newest_step >= 0)
             name = signal.Signals(self.user_stop).name
@@ -813,21 +823,29 @@ class Runner:
                              restarts=len(self.restart_state.restart_times))
 
     def _quarantine(self, ckpt: Checkpoint, now: float, detail: str) -> None:
-        """A checkpoint the ranks could not load: never resume from it again, and move it out of
-        the way (renamed, not deleted: it is evidence) so training can commit that step anew."""
+        """A checkpoint the ranks could not load (a deterministic fault): never resume from it
+        again, and move it out of the way so training can commit that step anew."""
         self.excluded_steps.add(ckpt.step)
-        target = ckpt.path.with_name(f"failed-{ckpt.path.name}-{int(now)}")
         try:
-            os.rename(ckpt.path, target)
-            runfiles.fsync_dir(ckpt.path.parent)
-        except OSError as e:
+            target: Path | None = self.store.quarantine(ckpt, time.time())
+        except (OSError, StoreError) as e:
             log.warning("could not move aside %s: %s", ckpt.path.name, e)
             target = None
         self._refresh_checkpoints(now, force=True)
         self.events.append("resume_fallback", now, failed=str(ckpt.path), moved_to=str(target) if target else None,
+                           quarantined=target is not None,
                            reason=f"falling back to an older checkpoint: {detail}")
         log.warning("checkpoint %s could not be loaded; moved to %s; falling back to an older one",
                     ckpt.path.name, target.name if target else "(not moved)")
+
+    def _skip_checkpoint(self, ckpt: Checkpoint, now: float, detail: str) -> None:
+        """Fall back to an older checkpoint without moving this one: it failed to load for a
+        reason outside it (memory, I/O), and a later supervisor may load it fine."""
+        self.excluded_steps.add(ckpt.step)
+        self.events.append("resume_fallback", now, failed=str(ckpt.path), moved_to=None, quarantined=False,
+                           reason=f"falling back to an older checkpoint (kept: a transient error): {detail}")
+        log.warning("checkpoint %s could not be loaded (%s); kept, falling back to an older one",
+                    ckpt.path.name, detail)
 
     def _tick_backoff(self, now: float) -> None:
         if now >= self.backoff_until:

@@ -60,6 +60,7 @@ class RankWatcher:
         control_poll_s: float = CONTROL_POLL_S,
         heartbeat_s: float = HEARTBEAT_S,
         supervisor_poll_s: float = SUPERVISOR_POLL_S,
+        orphan_deadline_s: float | None = None,
     ) -> None:
         self.paths = paths
         self.flag = flag
@@ -68,6 +69,10 @@ class RankWatcher:
         self.control_poll_s = control_poll_s
         self.heartbeat_s = heartbeat_s
         self.supervisor_poll_s = supervisor_poll_s
+        # Once the supervisor is gone, nobody would escalate: after this long (its grace +
+        # kill window, TRAINSUP_STOP_WINDOW_S) the rank ends itself, saved or not.
+        self.orphan_deadline_s = orphan_deadline_s
+        self._orphaned_at: float | None = None
         # A save_seq already there at startup is an old request: never replay it.
         self.control = ControlState(read_control(paths.control).save_seq)
         self._write_lock = threading.Lock()
@@ -131,9 +136,16 @@ class RankWatcher:
                 log.warning("could not read %s: %s", self.paths.control, e)
             if self.supervisor_pid is not None and now >= next_sup:
                 next_sup = now + self.supervisor_poll_s
-                if not pid_alive(self.supervisor_pid) and not self.flag.is_set():
-                    log.warning("supervisor (pid %d) is gone: saving and stopping", self.supervisor_pid)
-                    self.flag.set(f"supervisor pid {self.supervisor_pid} is gone")
+                if self._orphaned_at is None and not pid_alive(self.supervisor_pid):
+                    self._orphaned_at = now
+                    if not self.flag.is_set():
+                        log.warning("supervisor (pid %d) is gone: saving and stopping", self.supervisor_pid)
+                        self.flag.set(f"supervisor pid {self.supervisor_pid} is gone")
+            if (self._orphaned_at is not None and self.orphan_deadline_s is not None
+                    and now - self._orphaned_at > self.orphan_deadline_s):
+                log.error("supervisor gone %.0f s ago and this rank has not exited: ending it (no process of "
+                          "a run outlives its stop window)", now - self._orphaned_at)
+                os._exit(1)
             if self.status_fn is not None and now >= next_beat:
                 next_beat = now + self.heartbeat_s
                 try:

@@ -13,6 +13,7 @@ never sees half a file, and a crash leaves the old version.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -31,6 +32,8 @@ ENV_SUPERVISOR_PID = "TRAINSUP_SUPERVISOR_PID"  # ranks exit (after saving) if i
 ENV_MICRO_BATCH = "TRAINSUP_MICRO_BATCH"  # OOM recovery: override of the script's micro-batch
 ENV_GRAD_ACCUM = "TRAINSUP_GRAD_ACCUM"  # ... and the matching gradient accumulation
 ENV_CHECKPOINT_INTERVAL_STEPS = "TRAINSUP_CHECKPOINT_INTERVAL_STEPS"  # [checkpoint] interval_steps: wins over the script's
+ENV_GROUP_SHARED = "TRAINSUP_GROUP_SHARED"  # "1": the job's run dir is shared with the group (checkpoints 0640)
+ENV_STOP_WINDOW_S = "TRAINSUP_STOP_WINDOW_S"  # a rank whose supervisor died exits after this long, saved or not
 
 # Exit codes of a rank (and of `trainsup run`, design.md).
 EXIT_FINISHED = 0
@@ -47,12 +50,22 @@ def report_bad_input(message: str) -> int:
     if run_dir:
         rank = int(os.environ.get("RANK") or 0)
         paths = RunPaths(Path(run_dir))
-        paths.ranks.mkdir(parents=True, exist_ok=True)
+        paths.ranks.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_json_atomic(paths.exit_file(rank), {
             "rank": rank, "pid": os.getpid(), "attempt": int(os.environ.get(ENV_ATTEMPT) or 0),
             "kind": "bad_input", "code": EXIT_BAD_INPUT, "step": -1, "detail": message, "finished_at": time.time(),
         })
     return EXIT_BAD_INPUT
+
+
+def hold_alive_lock(paths: RunPaths) -> int:
+    """Take a shared flock on ranks/alive.lock for the life of this process; returns the fd
+    (keep it open). A supervisor that starts while ranks of an earlier run still hold it
+    (its predecessor was SIGKILLed while they save) waits for them instead of starting more."""
+    paths.ranks.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(paths.alive_lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a supervisor's probe holds it exclusively for microseconds
+    return fd
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -135,6 +148,11 @@ class RunPaths:
     @property
     def lock(self) -> Path:
         return self.run_dir / "job.lock"
+
+    @property
+    def alive_lock(self) -> Path:
+        """Every rank holds a shared flock on it while it lives (hold_alive_lock)."""
+        return self.ranks / "alive.lock"
 
     def rank_file(self, rank: int) -> Path:
         return self.ranks / f"rank-{rank}.json"

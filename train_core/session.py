@@ -69,13 +69,16 @@ from train_core.runfiles import (
     ENV_CHECKPOINT_DIR,
     ENV_CHECKPOINT_INTERVAL_STEPS,
     ENV_GRAD_ACCUM,
+    ENV_GROUP_SHARED,
     ENV_MICRO_BATCH,
     ENV_RESUME_FROM,
     ENV_RUN_DIR,
+    ENV_STOP_WINDOW_S,
     ENV_SUPERVISOR_PID,
     EXIT_BAD_INPUT,
     EXIT_SAVED,
     RunPaths,
+    hold_alive_lock,
     write_json_atomic,
 )
 from train_core import safeload
@@ -167,6 +170,14 @@ def _env_int(name: str) -> int | None:
     if value < 1:
         raise SessionError(f"{name}={raw!r} must be a positive integer (or unset)")
     return value
+
+
+def _env_float(name: str) -> float | None:
+    try:
+        value = float(os.environ.get(name) or "nan")
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -289,7 +300,8 @@ class TrainSession:
         ckpt_env = os.environ.get(ENV_CHECKPOINT_DIR)
         self.trust_pickle = safeload.trust_pickle_from_env()
         self.store = CheckpointStore(Path(ckpt_env) if ckpt_env else self.paths.checkpoints,
-                                     trust_pickle=self.trust_pickle)
+                                     trust_pickle=self.trust_pickle,
+                                     group_shared=os.environ.get(ENV_GROUP_SHARED) == "1")
         sup = os.environ.get(ENV_SUPERVISOR_PID)
         self.supervisor_pid = int(sup) if sup and sup.isdigit() else None
 
@@ -332,6 +344,7 @@ class TrainSession:
             self.flag,
             status_fn=self._status if self.is_main else None,
             supervisor_pid=self.supervisor_pid,
+            orphan_deadline_s=_env_float(ENV_STOP_WINDOW_S),
         )
         self._handled_save_seq = self.watcher.control.save_seq
         self.watcher.start()
@@ -968,7 +981,8 @@ class TrainSession:
 
     # ------------------------------------------------------------------ run-dir files
     def _write_rank_file(self) -> None:
-        self.paths.ranks.mkdir(parents=True, exist_ok=True)
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._alive_fd = hold_alive_lock(self.paths)  # held until the process exits
         try:
             os.unlink(self.paths.exit_file(self.rank))  # a report from an earlier attempt is stale
         except FileNotFoundError:

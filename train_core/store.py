@@ -374,6 +374,16 @@ class CheckpointStore:
     _hash_threads: int = field(default=4, repr=False)
     # TRAINSUP_TRUST_PICKLE: skip the pickle scan (a documented opt-in for your own old files)
     trust_pickle: bool = False
+    # what commit() leaves: private (0600/0700), or group-readable for a group_shared run dir
+    group_shared: bool = False
+
+    @property
+    def _file_mode(self) -> int:
+        return 0o640 if self.group_shared else 0o600
+
+    @property
+    def _dir_mode(self) -> int:
+        return 0o750 if self.group_shared else 0o700
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -475,13 +485,14 @@ class CheckpointStore:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         self._check_root()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=self._dir_mode)
         tmp = self.root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
         if tmp.is_symlink():
             tmp.unlink()
         elif tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir()
+        tmp.mkdir(mode=self._dir_mode)
+        os.chmod(tmp, self._dir_mode)
         return tmp
 
     def commit(
@@ -514,6 +525,11 @@ class CheckpointStore:
              and p.relative_to(tmp).as_posix() != MANIFEST),
             key=lambda p: p.relative_to(tmp).as_posix(),
         )
+        # Private whatever the writer's umask (accelerate writes 0644): weights, config and argv.
+        for p in files:
+            os.chmod(p, self._file_mode)
+        for d in {p.parent for p in files} - {tmp}:
+            os.chmod(d, self._dir_mode)
         # Overlap the two slow parts: fsync (waits on the disk, no CPU) runs in its own
         # threads while other threads hash (CPU; hashlib releases the GIL). Biggest first.
         by_size = sorted(files, key=lambda p: p.stat().st_size, reverse=True)

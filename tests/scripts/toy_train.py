@@ -12,6 +12,9 @@ Test hooks (all optional):
   --oom-at N            raise torch.OutOfMemoryError at the N-th micro-batch (how a CPU test
                         simulates CUDA running out of memory: the session reports kind "oom")
   --sleep-s S           sleep S seconds per micro-batch (gives external signals time to land)
+  --load-oom NAME[:N]   accelerator.load_state of checkpoint NAME raises torch.OutOfMemoryError,
+                        the first N times in this process (default: every time)
+  --save-sleep-s S      every save sleeps S seconds before writing (a slow disk, a big model)
 On a normal finish rank 0 writes RUN_DIR/final_hash.json (sha256 of model, EMA and optimizer).
 """
 
@@ -78,6 +81,31 @@ def state_hash(model, ema, opt) -> str:
     return h.hexdigest()
 
 
+def patch_for_tests(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    """--load-oom and --save-sleep-s: faults inside accelerate's own load_state / save_state."""
+    if args.load_oom:
+        name, _, times = args.load_oom.partition(":")
+        left = [int(times) if times else -1]
+        real_load = accelerator.load_state
+
+        def load_state(input_dir, **kw):
+            if Path(input_dir).name == name and left[0] != 0:
+                left[0] -= 1
+                raise torch.OutOfMemoryError(f"simulated: out of memory while loading {name}")
+            return real_load(input_dir, **kw)
+
+        accelerator.load_state = load_state
+    if args.save_sleep_s:
+        real_save = accelerator.save_state
+
+        def save_state(output_dir=None, **kw):
+            print(f"toy: slow save into {Path(output_dir).name} ({args.save_sleep_s:g} s)", flush=True)
+            time.sleep(args.save_sleep_s)
+            return real_save(output_dir, **kw)
+
+        accelerator.save_state = save_state
+
+
 def main(argv: list[str] | None = None, on_micro=None) -> int:
     """`on_micro(n, session, x)` (in-process tests only) runs after each micro-batch, before step_done."""
     p = argparse.ArgumentParser()
@@ -100,10 +128,13 @@ def main(argv: list[str] | None = None, on_micro=None) -> int:
     p.add_argument("--signal-rank", type=int, default=0)
     p.add_argument("--oom-at", type=int)
     p.add_argument("--sleep-s", type=float, default=0.0)
+    p.add_argument("--load-oom", default="")
+    p.add_argument("--save-sleep-s", type=float, default=0.0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    patch_for_tests(accelerator, args)
     config = {"lr": args.lr, "hidden": args.hidden, "dropout": 0.2, "dataset_size": args.dataset_size,
               "optim": {"name": "adamw", "weight_decay": 0.01}}
     session = TrainSession(
