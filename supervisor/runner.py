@@ -191,7 +191,8 @@ class Runner:
         *,
         watchers: Sequence[Watcher] = (),
         reporter: Reporter | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         subreaper: bool = False,
         install_signals: bool = True,
@@ -203,7 +204,11 @@ class Runner:
             {**os.environ, **job.train.env}))
         self.watchers = list(watchers)
         self.reporter = reporter or NullReporter()
+        # Timers (hang, startup, backoff, grace, intervals) run on `clock`: CLOCK_MONOTONIC stops
+        # while the machine sleeps, so a laptop asleep for longer than hang_timeout_s wakes to a
+        # running job, not a "hang" kill. Events and supervisor.json keep wall-clock times.
         self.clock = clock
+        self.wall_clock = wall_clock
         self.rand = rand
         self.subreaper = subreaper
         self.install_signals = install_signals
@@ -235,7 +240,7 @@ class Runner:
         self._wake_r = self._wake_w = -1
         self._old_handlers: dict[int, Any] = {}
         self.events: EventLog | None = None
-        self.started_at = clock()
+        self.started_at = wall_clock()
 
     # -- public ---------------------------------------------------------------
     def enqueue_signal(self, signum: int) -> None:
@@ -248,7 +253,7 @@ class Runner:
             self._setup()
             try:
                 now = self.clock()
-                self.events.append("supervisor_start", now, pid=os.getpid(), job=str(self.job.job_file or ""),
+                self._event("supervisor_start", pid=os.getpid(), job=str(self.job.job_file or ""),
                                    run_dir=str(self.job.run_dir))
                 self._refresh_checkpoints(now, force=True)
                 self._next_attempt(now)
@@ -362,7 +367,7 @@ class Runner:
             except Exception:  # noqa: BLE001
                 log.exception("watcher %s failed to close", getattr(w, "name", w))
         if self.events is not None:
-            self.events.append("supervisor_exit", now, exit_code=self.exit_code, reason=self.exit_reason)
+            self._event("supervisor_exit", exit_code=self.exit_code, reason=self.exit_reason)
         self._write_supervisor_json(now, force=True)
         if self.events is not None:
             self.events.close()
@@ -398,6 +403,9 @@ class Runner:
             except BlockingIOError:
                 pass
 
+    def _event(self, name: str, **fields: Any) -> dict[str, Any]:
+        return self.events.append(name, self.wall_clock(), **fields)
+
     # -- transitions ----------------------------------------------------------
     def _transition(self, new: State, now: float, cause: str, **fields: Any) -> None:
         old = self.state
@@ -406,7 +414,7 @@ class Runner:
         self.state = new
         attempt = self.attempt.number if self.attempt else None
         log.info("%s -> %s: %s", old.value if old else "init", new.value, cause)
-        self.events.append("state", now, **{"from": old.value if old else None}, to=new.value, cause=cause,
+        self._event("state", **{"from": old.value if old else None}, to=new.value, cause=cause,
                            attempt=attempt, **fields)
         self._write_supervisor_json(now, force=True)
 
@@ -451,7 +459,7 @@ class Runner:
                 self._sigint_seen = True
             if self.user_stop is None:
                 self.user_stop = sig
-                self.events.append("stop_requested", now, signal=name)
+                self._event("stop_requested", signal=name)
                 log.info("received %s: asking the ranks to save and stop", name)
                 if self.state in (State.STARTING, State.RUNNING):
                     self._request_stop(now, f"{name} received: save and stop")
@@ -467,7 +475,7 @@ class Runner:
                     log.info("Ctrl-C again to stop at once without saving")
             elif second_ctrl_c and not self.stop_now and active:
                 self.stop_now = True
-                self.events.append("stop_now", now, signal=name)
+                self._event("stop_now", signal=name)
                 log.warning("second %s: killing the run now", name)
                 if self.state != State.STOPPING:
                     self._request_stop(now, f"second {name}: stop now")
@@ -475,7 +483,7 @@ class Runner:
             else:
                 first = signal.Signals(self.user_stop).name
                 why = "already stopping at once" if self.stop_now else "the save goes on"
-                self.events.append("signal_ignored", now, signal=name, stop_signal=first, reason=why)
+                self._event("signal_ignored", signal=name, stop_signal=first, reason=why)
                 log.info("received %s while stopping on %s: ignored, %s", name, first, why)
                 if sig == signal.SIGINT and not self.stop_now and active:
                     log.info("Ctrl-C again to stop at once without saving")
@@ -518,7 +526,7 @@ class Runner:
         newest = max((c.step for c in self.checkpoints if c.valid), default=-1)
         if newest > self.newest_step and not force:
             ck = next(c for c in self.checkpoints if c.step == newest)
-            self.events.append("checkpoint", now, step=newest, reason=ck.reason, path=str(ck.path),
+            self._event("checkpoint", step=newest, reason=ck.reason, path=str(ck.path),
                                attempt=self.attempt.number if self.attempt else None)
             log.info("checkpoint committed: step %d (%s)", newest, ck.reason)
             self._last_save_request = now
@@ -550,7 +558,7 @@ class Runner:
             except (StoreError, OSError) as e:
                 log.warning("could not prune step %d: %s", step, e)
         if deleted:
-            self.events.append("prune", now, deleted=deleted, kept=sorted(plan.keep))
+            self._event("prune", deleted=deleted, kept=sorted(plan.keep))
             log.info("retention: removed step(s) %s", ", ".join(map(str, deleted)))
             self.checkpoints = [c for c in self.checkpoints if c.step not in deleted]
             # Rescan on the next tick rather than take the directory's stamp now: a rank may
@@ -563,13 +571,13 @@ class Runner:
                 decisions = w.poll(now)
             except Exception as e:  # noqa: BLE001
                 log.exception("watcher %s failed", w.name)
-                self.events.append("watcher_error", now, watcher=w.name, error=f"{type(e).__name__}: {e}")
+                self._event("watcher_error", watcher=w.name, error=f"{type(e).__name__}: {e}")
                 continue
             for d in decisions:
                 self._act(w.name, d, now)
 
     def _act(self, name: str, d: Any, now: float) -> None:
-        self.events.append(d.event, now, watcher=name, action=d.action.value, reason=d.reason,
+        self._event(d.event, watcher=name, action=d.action.value, reason=d.reason,
                            details=dict(d.details) or None)
         log.info("%s: %s (%s)", name, d.reason, d.action.value)
         active = self.state in (State.STARTING, State.RUNNING)
@@ -616,7 +624,7 @@ class Runner:
                 self._transition(State.WAITING, now, f"not starting: {reason}")
             elif reason != self.blocked_reason:
                 self.blocked_reason = reason
-                self.events.append("waiting", now, reason=reason)
+                self._event("waiting", reason=reason)
             return
         self.blocked_reason = None
         self._start_attempt(now)
@@ -715,7 +723,7 @@ class Runner:
             a.kill_sent_at = now
         else:
             a.term_sent_at = now
-        self.events.append("escalate", now, signal=signal.Signals(sig).name, groups=groups, attempt=a.number)
+        self._event("escalate", signal=signal.Signals(sig).name, groups=groups, attempt=a.number)
         log.warning("sent %s to process group(s) %s", signal.Signals(sig).name, groups)
 
     def _attempt_over(self, a: Attempt) -> bool:
@@ -736,14 +744,14 @@ class Runner:
         paused = self.control.pause or (a.heartbeat or {}).get("state") == "paused"
         if self.state == State.STARTING:
             if now - a.started_at > self.job.watch.startup_timeout_s:
-                self.events.append("hung", now, attempt=a.number,
+                self._event("hung", attempt=a.number,
                                    reason=f"no heartbeat within startup_timeout_s={self.job.watch.startup_timeout_s:g}")
                 self._request_stop(now, f"no heartbeat {self.job.watch.startup_timeout_s:g} s after launch: hung",
                                    hung=True)
             return
         silent_s = now - (a.heartbeat_seen_at or a.started_at)
         if not paused and silent_s > self.job.watch.hang_timeout_s:
-            self.events.append("hung", now, attempt=a.number, step=a.max_step,
+            self._event("hung", attempt=a.number, step=a.max_step,
                                reason=f"no heartbeat for {silent_s:.1f} s (hang_timeout_s={self.job.watch.hang_timeout_s:g})")
             self._request_stop(now, f"no heartbeat for {silent_s:.0f} s at step {a.max_step}: hung", hung=True)
             return
@@ -751,7 +759,7 @@ class Runner:
         if iv and self.state == State.RUNNING and now - max(self._last_save_request, a.started_at) >= iv:
             self._last_save_request = now
             self._set_control(save_seq=self.control.save_seq + 1, reason=f"interval_s={iv:g}")
-            self.events.append("save_requested", now, cause=f"interval_s={iv:g}", save_seq=self.control.save_seq)
+            self._event("save_requested", cause=f"interval_s={iv:g}", save_seq=self.control.save_seq)
 
     def _tick_stopping(self, now: float) -> None:
         a = self.attempt
@@ -781,7 +789,7 @@ class Runner:
         c = classify_exit(reports, status, expected_ranks=a.plan.world_size_local, hung=a.hung,
                           killed_by_supervisor=killed)
         new_ckpt = self.newest_step > a.newest_at_start
-        self.events.append("attempt_exit", now, attempt=a.number, kind=c.kind.value, detail=c.detail,
+        self._event("attempt_exit", attempt=a.number, kind=c.kind.value, detail=c.detail,
                            launcher=status.describe(), step=a.max_step, newest_checkpoint=self.newest_step,
                            ranks_reported=len(reports), duration_s=round(now - a.started_at, 3))
         log.info("attempt %d ended: %s (%s)", a.number, c.kind.value, c.detail)
@@ -827,12 +835,12 @@ class Runner:
         again, and move it out of the way so training can commit that step anew."""
         self.excluded_steps.add(ckpt.step)
         try:
-            target: Path | None = self.store.quarantine(ckpt, time.time())
+            target: Path | None = self.store.quarantine(ckpt, self.wall_clock())
         except (OSError, StoreError) as e:
             log.warning("could not move aside %s: %s", ckpt.path.name, e)
             target = None
         self._refresh_checkpoints(now, force=True)
-        self.events.append("resume_fallback", now, failed=str(ckpt.path), moved_to=str(target) if target else None,
+        self._event("resume_fallback", failed=str(ckpt.path), moved_to=str(target) if target else None,
                            quarantined=target is not None,
                            reason=f"falling back to an older checkpoint: {detail}")
         log.warning("checkpoint %s could not be loaded; moved to %s; falling back to an older one",
@@ -842,7 +850,7 @@ class Runner:
         """Fall back to an older checkpoint without moving this one: it failed to load for a
         reason outside it (memory, I/O), and a later supervisor may load it fine."""
         self.excluded_steps.add(ckpt.step)
-        self.events.append("resume_fallback", now, failed=str(ckpt.path), moved_to=None, quarantined=False,
+        self._event("resume_fallback", failed=str(ckpt.path), moved_to=None, quarantined=False,
                            reason=f"falling back to an older checkpoint (kept: a transient error): {detail}")
         log.warning("checkpoint %s could not be loaded (%s); kept, falling back to an older one",
                     ckpt.path.name, detail)
@@ -884,14 +892,14 @@ class Runner:
         if shape is None:
             why = ("the ranks did not report their micro-batch (build the TrainSession with micro_batch=...): "
                    "restarting with the same batch")
-            self.events.append("oom_backoff", now, attempt=a.number, changed=False, reason=why)
+            self._event("oom_backoff", attempt=a.number, changed=False, reason=why)
             log.warning("out of memory, but %s", why)
             return None
         micro, accum = shape
         smaller = next_batch_shape(micro, accum, cfg.oom_min_micro_batch)
         if smaller is None:
             reason = oom_give_up_reason(micro, accum, cfg.oom_min_micro_batch)
-            self.events.append("oom_give_up", now, attempt=a.number, micro_batch=micro, grad_accum=accum,
+            self._event("oom_give_up", attempt=a.number, micro_batch=micro, grad_accum=accum,
                                reason=reason)
             return reason
         new_micro, new_accum = smaller
@@ -899,7 +907,7 @@ class Runner:
         self.launch_env[runfiles.ENV_GRAD_ACCUM] = str(new_accum)
         reason = (f"out of memory at micro-batch {micro} x {accum} accumulation: next attempts run "
                   f"{new_micro} x {new_accum} (effective batch per rank {micro * accum}, unchanged)")
-        self.events.append("oom_backoff", now, attempt=a.number, changed=True, reason=reason,
+        self._event("oom_backoff", attempt=a.number, changed=True, reason=reason,
                            old={"micro_batch": micro, "grad_accum": accum},
                            new={"micro_batch": new_micro, "grad_accum": new_accum},
                            effective_batch_per_rank=micro * accum)
@@ -925,7 +933,7 @@ class Runner:
             return
         self.launch_env[runfiles.ENV_MICRO_BATCH] = str(shape[0])
         self.launch_env[runfiles.ENV_GRAD_ACCUM] = str(shape[1])
-        self.events.append("oom_backoff_restored", now, new={"micro_batch": shape[0], "grad_accum": shape[1]},
+        self._event("oom_backoff_restored", new={"micro_batch": shape[0], "grad_accum": shape[1]},
                            checkpoint=str(resume.path))
         log.info("keeping the OOM back-off of an earlier run: micro-batch %d x %d accumulation (%s was saved so)",
                  shape[0], shape[1], resume.path.name)
@@ -966,7 +974,7 @@ class Runner:
             "attempt": self.attempts,
             "restarts": max(0, self.attempts - self._first_attempt - 1),
             "started_at": self.started_at,
-            "updated_at": now,
+            "updated_at": self.wall_clock(),
             "job_file": str(self.job.job_file) if self.job.job_file else None,
             "run_dir": str(self.job.run_dir),
             "child_pid": a.child.pid if a and not a.child.exited else None,
@@ -980,7 +988,8 @@ class Runner:
             "heartbeat_age_s": round(now - a.heartbeat_seen_at, 1) if a and a.heartbeat_seen_at else None,
             "last_checkpoint": {"step": newest.step, "path": str(newest.path), "reason": newest.reason}
             if newest else None,
-            "backoff_until": self.backoff_until if self.state == State.BACKOFF else None,
+            # wall-clock time (the timer itself is monotonic)
+            "backoff_until": self.wall_clock() + self.backoff_until - now if self.state == State.BACKOFF else None,
             "blocked_by": self.blocked_reason if self.state == State.WAITING else None,
             "paused_by": sorted(self.paused_by),
             "exit_code": self.exit_code,

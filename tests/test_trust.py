@@ -439,3 +439,64 @@ def test_checkpoint_of_another_config_stops_at_once_with_exit_2(stopped_at_6, tm
     assert "step-00000007" in out and "3 key(s) differ" in out and "allow_changes" in out and "--run-dir" in out
     assert "Traceback" not in out + (run_dir / "logs" / "attempt-1.log").read_text()
     assert max(len(line) for line in out.splitlines()) < 600
+
+
+# --------------------------------------------------------------------------- time asleep
+
+
+class Suspend:
+    """A watcher that, once the run trains, freezes every process of the run (SIGSTOP) for 3 s,
+    longer than hang_timeout_s: what a laptop's sleep looks like to the supervisor, except
+    that the sleep also stops CLOCK_MONOTONIC. The injected clocks model that: the monotonic
+    one does not count the frozen seconds, the wall clock does."""
+
+    name = "suspend"
+
+    def __init__(self, run_dir: Path, mono_offset: list[float]) -> None:
+        self.status = run_dir / "status.json"
+        self.mono_offset = mono_offset
+        self.done = False
+
+    def poll(self, now):
+        from supervisor import launch
+
+        if not self.done and (read_json(self.status) or {}).get("step", -1) >= 5:
+            self.done = True
+            procs = launch.descendants()
+            for p in procs:
+                p.suspend()
+            time.sleep(3.0)
+            self.mono_offset[0] += 3.0  # the machine was asleep: the monotonic clock stood still
+            for p in procs:
+                p.resume()
+        return []
+
+    def blocking_reason(self, now):
+        return None
+
+    def on_checkpoint(self, step, now):
+        pass
+
+    def status(self):
+        return {"suspended": self.done}
+
+    def close(self):
+        pass
+
+
+def test_a_suspend_longer_than_the_hang_timeout_is_not_a_hang(tmp_path):
+    from supervisor.config import load_job
+    from supervisor.runner import Runner
+    from supervisor_helpers import write_job as wj
+
+    job = load_job(wj(tmp_path, ["--steps", "30", "--step-time", "0.03", "--heartbeat-s", "0.1"],
+                      launch={"launcher": "python"}, watch={"hang_timeout_s": 2.0, "poll_interval_s": 0.1}))
+    offset = [0.0]
+    w = Suspend(job.run_dir, offset)
+    r = Runner(job, watchers=[w], install_signals=False,
+               clock=lambda: time.monotonic() - offset[0], wall_clock=time.time)
+    assert r.run() == 0
+    assert w.done and not events(job.run_dir, "hung")
+    assert [e["to"] for e in events(job.run_dir, "state")] == ["starting", "running", "exited"]
+    ts = [e["ts"] for e in events(job.run_dir)]
+    assert ts == sorted(ts) and ts[-1] - ts[0] >= 3.0  # events keep wall-clock time, the sleep included
