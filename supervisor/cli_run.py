@@ -235,6 +235,7 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
       trainsup run job.toml --set stop.grace_s=120
     """
     from supervisor import launch
+    from supervisor.rundir import secure_run_dir
     from supervisor.runner import Runner, build_watchers
     from supervisor.sdnotify import SD_ENV_VARS, SdNotifier, SdNotifyReporter
     from supervisor.service import STOP_MARGIN_S
@@ -242,6 +243,8 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
     from train_core.runfiles import RunPaths
 
     job = load_job(job_file, overrides, run_dir=run_dir)
+    # Before anything is written into it: private, or refused (exit 2) when others could write it.
+    notes = secure_run_dir(job.run_dir, group_shared=job.group_shared)
     # The supervisor's lines also go to RUN_DIR/logs/supervisor.log: losing the terminal loses nothing.
     supervisor_log = SupervisorLog(RunPaths(job.run_dir).logs)
     console = Console(sys.stdout)
@@ -250,6 +253,8 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
     root.addHandler(console)
     root.addHandler(supervisor_log)
     root.propagate = False
+    for note in notes:
+        root.info("%s", note)
     try:
         # Under systemd (Type=notify): READY/STATUS/WATCHDOG/STOPPING from the loop; the ranks
         # must not inherit the socket, so the variables leave this process's environment.

@@ -289,7 +289,7 @@ def test_untrusted_run_dir_is_refused_with_the_fix(tmp_path, how):
     assert r.returncode == 2, r.stdout + r.stderr
     assert want in r.stderr and ("chmod -R go-w" in r.stderr or "chown -R" in r.stderr), r.stderr
     assert "Traceback" not in r.stderr
-    assert not list(run_dir.glob("logs/attempt-*")) and not (run_dir / "events.jsonl").exists()  # nothing started
+    assert not (run_dir / "logs").exists() and not (run_dir / "events.jsonl").exists()  # nothing written
 
 
 def test_existing_readable_run_dir_is_tightened_with_a_note(tmp_path):
@@ -500,3 +500,19 @@ def test_a_suspend_longer_than_the_hang_timeout_is_not_a_hang(tmp_path):
     assert [e["to"] for e in events(job.run_dir, "state")] == ["starting", "running", "exited"]
     ts = [e["ts"] for e in events(job.run_dir)]
     assert ts == sorted(ts) and ts[-1] - ts[0] >= 3.0  # events keep wall-clock time, the sleep included
+
+
+def test_quarantined_checkpoints_are_listed_and_pruned_only_with_invalid(one_ckpt):
+    store, c = one_ckpt
+    tmp = store.begin(5)
+    (tmp / "model.safetensors").write_bytes(b"m" * 100)
+    store.commit(tmp, 5, epoch=0, batch_in_epoch=5, reason="interval")
+    moved = store.quarantine(store.check(store.root / "step-00000005"), 1_700_000_000)
+    assert moved.name == "failed-step-00000005-1700000000"
+    run_dir = str(store.root.parent)
+    r = run_cli("checkpoints", "list", run_dir)
+    assert "1 quarantined (failed to load, never resumed from): failed-step-00000005-1700000000" in r.stdout
+    r = run_cli("checkpoints", "prune", run_dir, "--keep-last", "1")
+    assert r.returncode == 0 and moved.exists() and "pass --invalid to remove it" in r.stdout, r.stdout + r.stderr
+    r = run_cli("checkpoints", "prune", run_dir, "--keep-last", "1", "--invalid")
+    assert r.returncode == 0 and not moved.exists() and c.path.exists(), r.stdout + r.stderr
