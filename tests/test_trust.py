@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -96,7 +98,18 @@ CRAFTED = [
     ("FIFO manifest", lambda c: ((c / "manifest.json").unlink(), os.mkfifo(c / "manifest.json")), st.UNREADABLE_MANIFEST),
     ("bare pickle as optimizer.bin", lambda c: ((c / "optimizer.bin").write_bytes(b"\x80\x04K\x01."), rehash(c)),
      st.UNSAFE_PICKLE),
+    # 9 bytes that make an unpickler allocate 64 GiB for its memo: checked in a capped child
+    ("memo bomb", lambda c: _archive(c, b"\x80\x04Nr\xf0\xff\xff\xff."), st.UNSAFE_PICKLE),
+    ("deflated member", lambda c: _archive(c, pickle.dumps({"a": 1}, protocol=2), zipfile.ZIP_DEFLATED), st.UNSAFE_PICKLE),
+    ("unlisted .pt in a sub-directory", lambda c: ((c / "sub").mkdir(), (c / "sub" / "x.pt").write_bytes(b"x")),
+     st.UNLISTED_FILE),
 ]
+
+
+def _archive(ckpt: Path, data_pkl: bytes, compression: int = zipfile.ZIP_STORED) -> None:
+    with zipfile.ZipFile(ckpt / "optimizer.bin", "w", compression) as z:
+        z.writestr("archive/data.pkl", data_pkl)
+    rehash(ckpt)
 
 
 @pytest.mark.parametrize("corrupt,code", [c[1:] for c in CRAFTED], ids=[c[0] for c in CRAFTED])

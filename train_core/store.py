@@ -17,6 +17,7 @@ Every invalid checkpoint carries a one-line `problem` for people and a stable `c
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import hashlib
@@ -260,9 +261,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+_Files = list[tuple[str, str]]  # (path, name in the checkpoint) of pickled files still to check
+
+
 def _check_manifest(path: Path, step: int, full: bool,
-                    trust_pickle: bool = False) -> tuple[dict | None, str | None, str | None, tuple[str, ...]]:
-    """(manifest, problem, code, strays) for the directory `path` holding checkpoint `step`.
+                    trust_pickle: bool = False) -> tuple[dict | None, str | None, str | None, tuple[str, ...], _Files]:
+    """(manifest, problem, code, strays, pickled files to check) for the directory `path`
+    holding checkpoint `step`; the pickle check itself runs batched (CheckpointStore._seal).
 
     Everything in the directory is untrusted input: any parse, type or range error is a
     problem with a reason, never an exception."""
@@ -276,42 +281,43 @@ def _check_manifest(path: Path, step: int, full: bool,
         if not isinstance(manifest, dict):
             raise _ManifestProblem("unreadable manifest.json: not a JSON object", UNREADABLE_MANIFEST)
     except _ManifestProblem as p:
-        return None, p.problem, p.code, ()
+        return None, p.problem, p.code, (), []
     try:
         return manifest, *_check_files(path, step, manifest, full, trust_pickle)
     except _ManifestProblem as p:
-        return manifest, p.problem, p.code, ()
+        return manifest, p.problem, p.code, (), []
 
 
 def _check_files(path: Path, step: int, manifest: dict, full: bool,
-                 trust_pickle: bool) -> tuple[str | None, str | None, tuple[str, ...]]:
+                 trust_pickle: bool) -> tuple[str | None, str | None, tuple[str, ...], _Files]:
     fmt = manifest.get("format")
     if not isinstance(fmt, int) or isinstance(fmt, bool):
-        return "unknown manifest format (no integer 'format' key): not a trainsup checkpoint", UNKNOWN_FORMAT, ()
+        return "unknown manifest format (no integer 'format' key): not a trainsup checkpoint", UNKNOWN_FORMAT, (), []
     if fmt > FORMAT_VERSION:
         return (f"manifest format {fmt} is newer than this trainsup reads ({FORMAT_VERSION}): upgrade trainsup",
-                NEWER_FORMAT, ())
+                NEWER_FORMAT, (), [])
     if fmt < 1:
-        return f"unknown manifest format {fmt}", UNKNOWN_FORMAT, ()
+        return f"unknown manifest format {fmt}", UNKNOWN_FORMAT, (), []
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
-        return f"manifest.json lacks {', '.join(missing)}", BAD_MANIFEST, ()
+        return f"manifest.json lacks {', '.join(missing)}", BAD_MANIFEST, (), []
     mstep = manifest["step"]
     if not isinstance(mstep, int) or isinstance(mstep, bool) or mstep != step:
-        return f"manifest says step {_short(mstep)} but the directory is {path.name}", STEP_MISMATCH, ()
+        return f"manifest says step {_short(mstep)} but the directory is {path.name}", STEP_MISMATCH, (), []
     for key in ("epoch", "batch_in_epoch"):
         value = manifest[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            return f"manifest.json {key} must be an integer >= 0, got {_short(value)}", BAD_MANIFEST, ()
+            return f"manifest.json {key} must be an integer >= 0, got {_short(value)}", BAD_MANIFEST, (), []
     files = manifest["files"]
     if not isinstance(files, list):
-        return "manifest.json 'files' is not a list", BAD_MANIFEST, ()
+        return "manifest.json 'files' is not a list", BAD_MANIFEST, (), []
     listed: set[str] = set()
+    to_scan: _Files = []
     for entry in files:
         rel, size, digest = _file_entry(entry)
         rel_path = Path(rel)
         if rel_path.is_absolute() or ".." in rel_path.parts or rel_path.as_posix() == MANIFEST:
-            return f"manifest.json lists a path outside the checkpoint: {_short(rel)}", PATH_OUTSIDE, ()
+            return f"manifest.json lists a path outside the checkpoint: {_short(rel)}", PATH_OUTSIDE, (), []
         listed.add(rel_path.as_posix())
         fpath = path / rel_path
         # A symlinked sub-directory would lead outside the checkpoint: never follow one.
@@ -320,38 +326,34 @@ def _check_files(path: Path, step: int, manifest: dict, full: bool,
             parent = parent / part
             if parent.is_symlink():
                 return (f"manifest.json lists a path outside the checkpoint: {_short(rel)} (through a symlink)",
-                        PATH_OUTSIDE, ())
+                        PATH_OUTSIDE, (), [])
         try:
             st = fpath.lstat()
         except FileNotFoundError:
-            return f"missing file: {rel}", MISSING_FILE, ()
+            return f"missing file: {safeload.printable(rel)}", MISSING_FILE, (), []
         except OSError as e:
-            return f"unreadable file {rel}: {e.strerror or e}", UNREADABLE_FILE, ()
+            return f"unreadable file {safeload.printable(rel)}: {e.strerror or e}", UNREADABLE_FILE, (), []
         if not stat.S_ISREG(st.st_mode):
             kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
-            return f"{rel} is {kind}", NOT_A_FILE, ()
+            return f"{safeload.printable(rel)} is {kind}", NOT_A_FILE, (), []
         if st.st_size != size:
-            return f"size mismatch: {rel} is {st.st_size} bytes, manifest says {size}", SIZE_MISMATCH, ()
+            return f"size mismatch: {safeload.printable(rel)} is {st.st_size} bytes, manifest says {size}", SIZE_MISMATCH, (), []
         if not trust_pickle and safeload.needs_scan(rel):
-            try:
-                safeload.scan_file(fpath, rel)
-            except safeload.UnsafePickle as e:
-                return (f"refused: {e}; set {safeload.ENV_TRUST_PICKLE}=1 only for a checkpoint you made yourself",
-                        UNSAFE_PICKLE, ())
+            to_scan.append((str(fpath), rel))
         if full:
             try:
                 actual = sha256_file(fpath)
             except OSError as e:
-                return f"unreadable file {rel}: {e.strerror or e}", UNREADABLE_FILE, ()
+                return f"unreadable file {safeload.printable(rel)}: {e.strerror or e}", UNREADABLE_FILE, (), []
             if actual != digest:
-                return f"hash mismatch: {rel} (sha256 {actual[:12]}…, manifest {digest[:12]}…)", HASH_MISMATCH, ()
+                return f"hash mismatch: {safeload.printable(rel)} (sha256 {actual[:12]}…, manifest {digest[:12]}…)", HASH_MISMATCH, (), []
     strays = []
     for rel in _unlisted(path, listed):
-        if _LOADED_RE.match(Path(rel).name):
-            return (f"{rel} is not in the manifest but would be loaded: remove it (or the checkpoint)",
-                    UNLISTED_FILE, ())
+        if _LOADED_RE.match(Path(rel).name) or safeload.needs_scan(rel):
+            return (f"{safeload.printable(rel)} is not in the manifest but could be loaded: remove it (or the checkpoint)",
+                    UNLISTED_FILE, (), [])
         strays.append(rel)
-    return None, None, tuple(strays)
+    return None, None, tuple(strays), to_scan
 
 
 def _unlisted(path: Path, listed: set[str]) -> list[str]:
@@ -419,16 +421,16 @@ class CheckpointStore:
                 found.append((int(m.group(1)), self.root / name))
         # The canonically named directory of a step wins; any other spelling is the duplicate.
         found.sort(key=lambda sp: (sp[0], sp[1].name != step_dir_name(sp[0]), sp[1].name))
-        result: list[Checkpoint] = []
+        items: list[tuple[Checkpoint, _Files]] = []
         seen: dict[int, str] = {}
         for step, path in found:
             if step in seen:
-                result.append(Checkpoint(path, step, None, f"duplicate step {step} (also {seen[step]})",
-                                         code=DUPLICATE_STEP))
+                items.append((Checkpoint(path, step, None, f"duplicate step {step} (also {seen[step]})",
+                                         code=DUPLICATE_STEP), []))
                 continue
             seen[step] = path.name
-            result.append(self.check(path, step, full=full))
-        return result
+            items.append(self._inspect(path, step, full))
+        return self._seal(items)
 
     def check(self, path: Path, step: int | None = None, *, full: bool = False) -> Checkpoint:
         path = Path(path)
@@ -437,13 +439,35 @@ class CheckpointStore:
             if not m:
                 return Checkpoint(path, -1, None, f"{path.name} is not a checkpoint name (step-N)", code=BAD_NAME)
             step = int(m.group(1))
+        return self._seal([self._inspect(path, step, full)])[0]
+
+    def _inspect(self, path: Path, step: int, full: bool) -> tuple[Checkpoint, _Files]:
+        """The checks of one checkpoint but the pickle check; what that still has to read."""
         if path.is_symlink():
-            return Checkpoint(path, step, None, "is a symlink (trainsup never follows symlinks)", code=SYMLINK)
+            return Checkpoint(path, step, None, "is a symlink (trainsup never follows symlinks)", code=SYMLINK), []
         if not path.is_dir():
-            return Checkpoint(path, step, None, "not a directory", code=NOT_A_DIRECTORY)
-        manifest, problem, code, strays = _check_manifest(path, step, full, self.trust_pickle)
+            return Checkpoint(path, step, None, "not a directory", code=NOT_A_DIRECTORY), []
+        manifest, problem, code, strays, files = _check_manifest(path, step, full, self.trust_pickle)
         return Checkpoint(path, step, manifest, problem, checked_hashes=full and problem is None, code=code,
-                          strays=strays)
+                          strays=strays), files
+
+    @staticmethod
+    def _seal(items: list[tuple[Checkpoint, _Files]]) -> list[Checkpoint]:
+        """The pickle check of every still-valid checkpoint at once (one capped child process,
+        safeload.check_files); a checkpoint is refused for its first file that fails it."""
+        verdicts = iter(safeload.check_files([f for c, files in items if c.valid for f in files]))
+        out = []
+        for ckpt, files in items:
+            bad = [v for v in [next(verdicts) for _ in files] if v] if ckpt.valid else []
+            if bad:
+                kind, text = bad[0]
+                if kind == safeload.UNREADABLE:  # an I/O error: says nothing about the file's content
+                    ckpt = dataclasses.replace(ckpt, problem=text, code=UNREADABLE_FILE, checked_hashes=False)
+                else:
+                    ckpt = dataclasses.replace(ckpt, code=UNSAFE_PICKLE, checked_hashes=False, problem=(
+                        f"refused: {text}; set {safeload.ENV_TRUST_PICKLE}=1 only for a checkpoint you made yourself"))
+            out.append(ckpt)
+        return out
 
     def latest_valid(self, *, full: bool = False) -> Checkpoint | None:
         """The newest valid checkpoint; with `full`, only the candidates' hashes are read,
