@@ -101,6 +101,7 @@ def checkpoint_json(c: Checkpoint, now: float) -> dict[str, Any]:
         "size_bytes": c.size_bytes,
         "created_at": created.isoformat() if created else None,
         "age_s": _age_s(c, now),
+        "strays": list(c.strays),  # files the manifest does not list and nothing loads
     }
 
 
@@ -143,6 +144,9 @@ def _report(run_dir: Path, store: CheckpointStore, ckpts: list[Checkpoint], full
     if tmp_names:
         click.echo(f"{len(tmp_names)} uncommitted save(s) ({', '.join(tmp_names)}): in progress, or left by a "
                    "crash and removed on the next start")
+    for c in ckpts:
+        if c.strays:
+            click.echo(f"{c.path.name}: not in its manifest, never loaded: {', '.join(c.strays)}")
     if quarantined:
         click.echo(f"{len(quarantined)} quarantined (failed to load, never resumed from): {', '.join(quarantined)}; "
                    "`trainsup checkpoints prune --invalid` removes them")

@@ -23,7 +23,9 @@ class EventLog:
         self.path = Path(path)
         self.durable = durable
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        from supervisor.rundir import open_nofollow  # a symlinked events.jsonl: a one-line refusal
+
+        self._fd = open_nofollow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         self.last: dict[str, Any] | None = None
         self._failing = False
 

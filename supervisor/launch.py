@@ -36,6 +36,7 @@ from typing import Mapping
 
 import psutil
 
+from supervisor import rundir
 from supervisor.config import JobConfig
 from train_core import runfiles
 
@@ -199,21 +200,31 @@ class Child:
         return self.status is not None
 
 
-def spawn(plan: LaunchPlan, log_path: Path, *, cwd: Path | None = None) -> Child:
+def spawn(plan: LaunchPlan, log_path: Path, *, cwd: Path | None = None,
+          paths: runfiles.RunPaths | None = None) -> Child:
+    """Start the launcher. With `paths`, it holds a shared flock on ranks/alive.lock for its
+    whole life (passed down, taken before it runs): a supervisor that comes after a SIGKILLed
+    one sees the old launcher and ranks and waits for them (rundir.wait_for_old_ranks)."""
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with open(fd, "ab", buffering=0) as logf:
-        popen = subprocess.Popen(
-            plan.argv,
-            env=dict(plan.env),
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            start_new_session=True,  # own session + process group: pid == pgid == sid
-            preexec_fn=lambda parent=os.getpid(), death=plan.death_signal: _child_preexec(parent, death),
-            close_fds=True,
-        )
+    fd = rundir.open_nofollow(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    alive = runfiles.hold_alive_lock(paths) if paths is not None else -1
+    try:
+        with open(fd, "ab", buffering=0) as logf:
+            popen = subprocess.Popen(
+                plan.argv,
+                env=dict(plan.env),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,  # own session + process group: pid == pgid == sid
+                preexec_fn=lambda parent=os.getpid(), death=plan.death_signal: _child_preexec(parent, death),
+                close_fds=True,
+                pass_fds=(alive,) if alive >= 0 else (),
+            )
+    finally:
+        if alive >= 0:
+            os.close(alive)  # the launcher's copy keeps the lock; ours must not outlive it
     return Child(pid=popen.pid, log_path=log_path, popen=popen)
 
 

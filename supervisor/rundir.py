@@ -30,6 +30,11 @@ from train_core import runfiles
 log = logging.getLogger(__name__)
 
 PRIVATE_UMASK = 0o077
+SHARED_UMASK = 0o007  # group_shared: the group may read and write, others nothing
+# What trainsup keeps in a run dir: only these are checked (and tightened), so a run dir that
+# also holds other things (`--run-dir .`) is neither refused nor changed because of them.
+OWN_ENTRIES = ("checkpoints", "ranks", "logs", "control.json", "status.json", "supervisor.json", "events.jsonl",
+               "job.lock", "job.lock.pid")
 
 
 def _mode(st: os.stat_result) -> str:
@@ -48,7 +53,8 @@ def _owner(uid: int) -> str:
 def secure_run_dir(run_dir: Path, *, group_shared: bool = False) -> list[str]:
     """Create `run_dir` private (0700), or check and tighten an existing one; returns notes for
     the log. Raises UserError (exit 2) naming the path and the fix when it cannot be trusted."""
-    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
+    umask = SHARED_UMASK if group_shared else PRIVATE_UMASK
+    os.umask(os.umask(umask) | umask)
     want = 0o770 if group_shared else 0o700
     if not run_dir.exists():
         run_dir.mkdir(parents=True, mode=want)
@@ -64,12 +70,18 @@ def secure_run_dir(run_dir: Path, *, group_shared: bool = False) -> list[str]:
         os.chmod(run_dir, stat.S_IMODE(st.st_mode) & want)
         notes.append(f"tightened {run_dir} from {_mode(st)} to {stat.S_IMODE(st.st_mode) & want:04o}: what trainsup "
                      "keeps there (weights, config, command line) is private")
-    for root, dirs, files in os.walk(run_dir):  # never follows symlinks
-        for name in dirs + files:
-            try:
-                check(Path(root) / name, os.lstat(Path(root) / name))
-            except FileNotFoundError:
-                continue  # removed meanwhile
+    for own in OWN_ENTRIES:
+        top = run_dir / own
+        try:
+            check(top, os.lstat(top))
+        except FileNotFoundError:
+            continue
+        for root, dirs, files in os.walk(top):  # never follows symlinks
+            for name in dirs + files:
+                try:
+                    check(Path(root) / name, os.lstat(Path(root) / name))
+                except FileNotFoundError:
+                    continue  # removed meanwhile
     if check.tightened:
         notes.append(f"removed group write access from {check.tightened} file(s) in {run_dir} (your private group "
                      "only: a umask of 002 made them so)")
@@ -155,6 +167,12 @@ def old_ranks_alive(paths: runfiles.RunPaths) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
+    except OSError as e:
+        if e.errno not in runfiles.NO_FLOCK_ERRNOS:
+            raise
+        log.warning("%s: no flock on this file system (%s): cannot tell whether ranks of an earlier run still "
+                    "run; make sure none does", paths.alive_lock, e.strerror)
+        return False
     finally:
         os.close(fd)  # closing releases our probe lock at once
     return False

@@ -223,6 +223,7 @@ class Runner:
         self.exit_reason = ""
         self.user_stop: int | None = None  # the signal of the user's stop request
         self.stop_now = False
+        self._sigint_seen = False  # a first Ctrl-C came: a second one stops at once
         self.watcher_stop: str | None = None
         self.paused_by: set[str] = set()
         self.control = runfiles.Control()
@@ -276,7 +277,7 @@ class Runner:
     # -- setup / teardown -----------------------------------------------------
     def _setup(self) -> None:
         for d in (self.paths.logs, self.paths.ranks, self.paths.checkpoints):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            d.mkdir(parents=True, exist_ok=True, mode=0o770 if self.job.group_shared else 0o700)
         self.events = EventLog(self.paths.events)
         # Ranks of an earlier supervisor (SIGKILLed) may still be saving: never two sets at once.
         waited_s = rundir.wait_for_old_ranks(self.paths, self.job.stop.grace_s + self.job.stop.kill_after_s
@@ -323,7 +324,7 @@ class Runner:
                 kill_now = False
                 while self._pending:  # the loop is gone: only Ctrl-C twice is heard here
                     if self._pending.popleft() == signal.SIGINT:
-                        kill_now = kill_now or getattr(self, "_sigint_seen", False)
+                        kill_now = kill_now or self._sigint_seen
                         self._sigint_seen = True
                 t = time.monotonic()
                 try:
@@ -356,8 +357,8 @@ class Runner:
                     p.kill()
                 except Exception:  # noqa: BLE001
                     pass
-            deadline = time.time() + 5
-            while L.descendants() and time.time() < deadline:
+            deadline = time.monotonic() + 5
+            while L.descendants() and time.monotonic() < deadline:
                 L.reap(self._children(), subreaper=self.subreaper)
                 time.sleep(0.05)
         L.reap(self._children(), subreaper=self.subreaper)
@@ -454,7 +455,7 @@ class Runner:
             active = self.state in (State.STARTING, State.RUNNING, State.STOPPING)
             # Only Ctrl-C twice skips the save. Any other signal during a stop (a scheduler's
             # SIGTERM, the SIGHUP of a terminal closed after a Ctrl-C) lets the save go on.
-            second_ctrl_c = sig == signal.SIGINT and getattr(self, "_sigint_seen", False)
+            second_ctrl_c = sig == signal.SIGINT and self._sigint_seen
             if sig == signal.SIGINT:
                 self._sigint_seen = True
             if self.user_stop is None:
@@ -635,6 +636,10 @@ class Runner:
         self._refresh_checkpoints(now, force=True)
         step = choose_resume(((c.step, c.valid) for c in self.checkpoints), self.excluded_steps)
         resume = next((c for c in self.checkpoints if c.step == step), None) if step is not None else None
+        refused = [c for c in self.checkpoints if not c.valid and c.step > (step if step is not None else -1)]
+        if refused:  # said once per attempt: what is not resumed from, and that it stays
+            log.warning("not resuming from %d newer checkpoint(s) (%s: %s); they stay on disk, `trainsup checkpoints "
+                        "list` shows why", len(refused), refused[-1].path.name, refused[-1].problem)
         for p in self.paths.ranks.glob("*.json"):
             p.unlink(missing_ok=True)
         self.watcher_stop = None
@@ -647,7 +652,7 @@ class Runner:
                               supervisor_pid=os.getpid(), base_env=os.environ, attempt_env=self.launch_env,
                               port=L.free_port() if self._multi() else None)
         log_path = self.paths.logs / f"attempt-{number}.log"
-        child = L.spawn(plan, log_path, cwd=self.job.job_file.parent if self.job.job_file else None)
+        child = L.spawn(plan, log_path, cwd=self.job.job_file.parent if self.job.job_file else None, paths=self.paths)
         self.attempt = Attempt(number=number, child=child, plan=plan, started_at=now, resume=resume,
                                newest_at_start=self.newest_step, log_offset=_size(log_path))
         self._transition(State.STARTING, now,
@@ -670,7 +675,9 @@ class Runner:
             pid = info["pid"]
             if pid in a.pid_started or pid in a.refused_pids:
                 continue
-            started = L.descendant_start_time(pid)
+            # the accelerate launcher is ours but no rank: the save signal would kill it
+            launcher = pid == a.child.pid and self.job.launch.launcher != "python"
+            started = None if launcher else L.descendant_start_time(pid)
             if started is None:
                 a.refused_pids.add(pid)
                 log.warning("%s names pid %d, which is not a process of this run: ignored", p.name, pid)

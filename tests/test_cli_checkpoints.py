@@ -111,7 +111,7 @@ def test_list_json_schema(run):
     assert doc["uncommitted"] == []
     types = {"step": int, "name": str, "path": str, "valid": bool, "problem": (str, type(None)),
              "problem_code": (str, type(None)), "hashes_checked": bool, "epoch": int, "batch_in_epoch": int,
-             "reason": str, "metrics": dict, "size_bytes": int, "created_at": str, "age_s": float}
+             "reason": str, "metrics": dict, "size_bytes": int, "created_at": str, "age_s": float, "strays": list}
     for c in doc["checkpoints"]:
         assert set(c) == set(types)
         for k, t in types.items():

@@ -529,3 +529,25 @@ def test_quarantined_checkpoints_are_listed_and_pruned_only_with_invalid(one_ckp
     assert r.returncode == 0 and moved.exists() and "pass --invalid to remove it" in r.stdout, r.stdout + r.stderr
     r = run_cli("checkpoints", "prune", run_dir, "--keep-last", "1", "--invalid")
     assert r.returncode == 0 and not moved.exists() and c.path.exists(), r.stdout + r.stderr
+
+
+def test_strays_are_reported_by_list(one_ckpt):
+    store, c = one_ckpt
+    (c.path / ".nfs000123").write_bytes(b"x")
+    r = run_cli("checkpoints", "list", str(store.root.parent), "--json")
+    assert json.loads(r.stdout)["checkpoints"][0]["strays"] == [".nfs000123"]
+    r = run_cli("checkpoints", "list", str(store.root.parent))
+    assert "step-00000003: not in its manifest, never loaded: .nfs000123" in r.stdout
+
+
+def test_a_new_commit_of_a_step_sets_the_old_invalid_one_aside_never_deletes_it(one_ckpt):
+    store, c = one_ckpt
+    (c.path / "optimizer.bin").write_bytes(b"\x80\x04K\x01.")  # refused (not an archive), and so invalid
+    rehash(c.path)
+    tmp = store.begin(3)
+    (tmp / "model.safetensors").write_bytes(b"n" * 100)
+    new = store.commit(tmp, 3, epoch=0, batch_in_epoch=3, reason="interval")
+    assert new.valid and (new.path / "model.safetensors").read_bytes() == b"n" * 100
+    [aside] = store.quarantined()
+    assert aside.path.name.startswith("replaced-step-00000003-")
+    assert (aside.path / "optimizer.bin").read_bytes() == b"\x80\x04K\x01."

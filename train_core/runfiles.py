@@ -13,8 +13,10 @@ never sees half a file, and a crash leaves the old version.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import tempfile
 import time
@@ -58,13 +60,26 @@ def report_bad_input(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
+NO_FLOCK_ERRNOS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)  # e.g. Lustre without -o flock, NFS without lockd
+
+
 def hold_alive_lock(paths: RunPaths) -> int:
     """Take a shared flock on ranks/alive.lock for the life of this process; returns the fd
-    (keep it open). A supervisor that starts while ranks of an earlier run still hold it
-    (its predecessor was SIGKILLed while they save) waits for them instead of starting more."""
+    (keep it open), or -1 on a file system without flock (a warning: the guard is off). A
+    supervisor that starts while processes of an earlier run still hold it (its predecessor
+    was SIGKILLed while they save) waits for them instead of starting more. The supervisor
+    gives its launcher one too, from spawn on; a rank takes its own in TrainSession."""
     paths.ranks.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(paths.alive_lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_SH)  # a supervisor's probe holds it exclusively for microseconds
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # a supervisor's probe holds it exclusively for microseconds
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in NO_FLOCK_ERRNOS:
+            raise
+        logging.getLogger(__name__).warning("%s: no flock on this file system (%s): a restarted supervisor "
+                                            "cannot tell whether this rank still runs", paths.alive_lock, e.strerror)
+        return -1
     return fd
 
 

@@ -180,13 +180,20 @@ def _env_float(name: str) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
+_TRANSIENT_TEXT = ("cuda error", "nccl", "timed out", "timeout", "connection reset", "broken pipe")
+
+
 def _is_transient(exc: BaseException) -> bool:
-    """A load error that may pass on a retry: memory, I/O, time. A missing file, a refused
-    unpickling, a shape or key mismatch would fail the same way again."""
+    """A load error that may pass on a retry: memory, I/O, time, the device or the network.
+    A missing file, a refused unpickling, a shape or key mismatch would fail the same way again."""
     if is_oom(exc):
         return True
-    return isinstance(exc, (OSError, TimeoutError)) and not isinstance(
-        exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError))
+    if isinstance(exc, OSError):
+        return not isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError))
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _TRANSIENT_TEXT)
 
 
 @contextlib.contextmanager
@@ -686,8 +693,9 @@ class TrainSession:
                     if existing.valid:
                         # left by a run we did not continue (an explicit older resume point, or a
                         # checkpoint that failed to load): this run's state replaces it
-                        log.warning("replacing %s, which this run did not resume from", existing.path.name)
-                        self.store.remove(existing)
+                        aside = self.store.quarantine(existing, time.time(), "replaced")
+                        log.warning("replacing %s, which this run did not resume from; kept as %s",
+                                    existing.path.name, aside.name)
                     decision = ("new", str(self.store.begin(step)))
             except Exception as e:  # noqa: BLE001 - every rank must learn of it, not hang
                 decision = ("fail", _one_line(e))
@@ -882,6 +890,8 @@ class TrainSession:
             raise ResumeFailed(path, problem)
         name = path.name
         world = manifest.get("world_size")
+        if world is not None and (not isinstance(world, int) or isinstance(world, bool)):
+            raise ResumeFailed(path, f"manifest.json world_size must be an integer, got {world!r}"[:200])
         if world is not None and world != self.world_size:
             raise ConfigMismatch(
                 f"{name} was saved by {world} ranks, this run has {self.world_size}: resume with "
@@ -889,6 +899,9 @@ class TrainSession:
             )
         check_config_change(manifest.get("config"), self.config, allow_changes=self.allow_changes, checkpoint=str(path))
         old_micro, old_accum = manifest.get("micro_batch"), manifest.get("grad_accum")
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (world, old_micro, old_accum)) \
+                or not isinstance(manifest.get("registered", []), list):
+            raise ResumeFailed(path, "manifest.json world_size/micro_batch/grad_accum/registered have the wrong type")
         if old_micro and old_accum and self.micro_batch and old_micro * old_accum != self.micro_batch * self.grad_accum:
             if not {"micro_batch", "grad_accum"} & set(self.allow_changes):
                 raise ConfigMismatch(
@@ -904,15 +917,12 @@ class TrainSession:
             )
         files = {f.get("path") for f in manifest.get("files", []) if isinstance(f, dict)}
         rng_file = f"random_states_{self.rank}.pkl"
-        for needed in (rng_file, TRAINER_STATE, *(custom_file(i) for i in range(len(self._objects)))):
-            if needed not in files:
-                raise ResumeFailed(path, f"{needed} is missing (rank {self.rank} cannot restore its state)")
 
         # A failure from here on may leave the model half overwritten: every rank retries the
         # whole load after a transient fault, and otherwise the run stops (resume_failed) and
         # the supervisor falls back to the previous checkpoint.
         for retry in range(LOAD_RETRIES + 1):
-            verdict, problem, tstate = self._load(path, rng_file)
+            verdict, problem, tstate = self._load(path, rng_file, files)
             verdict = self._all_max(verdict)  # one rank failing must stop every rank, not hang them
             if verdict == _LOAD_OK:
                 break
@@ -939,9 +949,13 @@ class TrainSession:
         self.resumed_from = self.last_checkpoint = ckpt
         log.info("resumed from %s (step %d, epoch %d, batch %d)", name, self.global_step, self.epoch, self.batch_in_epoch)
 
-    def _load(self, path: Path, rng_file: str) -> tuple[int, str, dict[str, Any] | None]:
+    def _load(self, path: Path, rng_file: str, files: set[Any]) -> tuple[int, str, dict[str, Any] | None]:
         """(verdict, problem, trainer state): model, optimizer, scheduler and RNG through
-        accelerate (weights_only=True), registered objects through safeload."""
+        accelerate (weights_only=True), registered objects through safeload. Never raises: every
+        rank's verdict goes into one collective, so no rank is left waiting in it."""
+        for needed in (rng_file, TRAINER_STATE, *(custom_file(i) for i in range(len(self._objects)))):
+            if needed not in files:
+                return _LOAD_BROKEN, f"{needed} is missing (rank {self.rank} cannot restore its state)", None
         try:
             with open(path / TRAINER_STATE) as f:
                 tstate = json.load(f)
@@ -950,9 +964,10 @@ class TrainSession:
                 self.accelerator.load_state(str(view))
             for i, obj in enumerate(self._objects):
                 obj.load_state_dict(safeload.load_torch_file(path / custom_file(i), trust=self.trust_pickle))
+            restored = isinstance(expected_rng, torch.Tensor) and torch.equal(torch.get_rng_state(), expected_rng)
         except Exception as e:  # noqa: BLE001
             return (_LOAD_TRANSIENT if _is_transient(e) else _LOAD_BROKEN), f"load failed: {_one_line(e)}", None
-        if not torch.equal(torch.get_rng_state(), expected_rng):
+        if not restored:
             return _LOAD_BROKEN, f"{rng_file} was not restored (accelerate ignored it)", None
         if not isinstance(tstate, dict):
             return _LOAD_BROKEN, f"{TRAINER_STATE} is not a JSON object", None

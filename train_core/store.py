@@ -44,7 +44,9 @@ MANIFEST = "manifest.json"
 STEP_DIGITS = 8
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TMP_RE = re.compile(r"^\.tmp-(?:del-)?step-(\d+)-(\d+)$")
-_QUARANTINE_RE = re.compile(r"^failed-step-(\d+)-(\d+)$")  # a checkpoint that failed to load, kept as evidence
+# set aside, never resumed from, kept until `prune --invalid`: failed to load (evidence), or
+# replaced by a new commit of the same step (nothing saved is ever deleted to make room)
+_QUARANTINE_RE = re.compile(r"^(failed|replaced)-step-(\d+)-(\d+)(?:-\d+)?$")
 _HASH_CHUNK = 8 << 20
 _REQUIRED = ("format", "step", "epoch", "batch_in_epoch", "created_at", "files")
 
@@ -381,11 +383,11 @@ class CheckpointStore:
 
     @property
     def _file_mode(self) -> int:
-        return 0o640 if self.group_shared else 0o600
+        return 0o660 if self.group_shared else 0o600
 
     @property
     def _dir_mode(self) -> int:
-        return 0o750 if self.group_shared else 0o700
+        return 0o770 if self.group_shared else 0o700
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -484,16 +486,23 @@ class CheckpointStore:
         (never resumed from; `trainsup checkpoints prune --invalid` removes them)."""
         if not self._check_root():
             return []
-        found = sorted((int(m.group(1)), n) for n in os.listdir(self.root) if (m := _QUARANTINE_RE.match(n)))
-        return [Checkpoint(self.root / n, step, None, "quarantined: the ranks could not load it", code=QUARANTINED)
-                for step, n in found]
+        found = sorted((int(m.group(2)), n, m.group(1)) for n in os.listdir(self.root)
+                       if (m := _QUARANTINE_RE.match(n)))
+        why = {"failed": "the ranks could not load it", "replaced": "a later commit of that step replaced it"}
+        return [Checkpoint(self.root / n, step, None, f"quarantined: {why[kind]}", code=QUARANTINED)
+                for step, n, kind in found]
 
-    def quarantine(self, ckpt: Checkpoint, now_s: float) -> Path:
-        """Move a checkpoint that failed to load out of the way (renamed, not deleted: it is
-        evidence), so that step can be committed anew. Returns where it went."""
+    def quarantine(self, ckpt: Checkpoint, now_s: float, kind: str = "failed") -> Path:
+        """Move a checkpoint out of the way, renamed, not deleted (`kind` "failed": it failed to
+        load, it is evidence; "replaced": that step is being committed anew), so the step can be
+        committed again. Returns where it went."""
         if ckpt.path.parent != self.root or not _STEP_RE.match(ckpt.path.name) or ckpt.path.is_symlink():
             raise StoreError(f"refusing to quarantine {ckpt.path}: not a checkpoint inside {self.root}")
-        target = self.root / f"failed-{step_dir_name(ckpt.step)}-{int(now_s)}"
+        base = f"{kind}-{step_dir_name(ckpt.step)}-{int(now_s)}"
+        target, n = self.root / base, 0
+        while target.exists() or target.is_symlink():
+            n += 1
+            target = self.root / f"{base}-{n}"
         os.rename(ckpt.path, target)
         fsync_dir(self.root)
         return target
@@ -516,7 +525,7 @@ class CheckpointStore:
         elif tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(mode=self._dir_mode)
-        os.chmod(tmp, self._dir_mode)
+        os.chmod(tmp, self._dir_mode)  # mkdir's mode is masked by the umask
         return tmp
 
     def commit(
@@ -542,8 +551,8 @@ class CheckpointStore:
             existing = self.check(final, step)
             if existing.valid:
                 raise StoreError(f"checkpoint {final.name} already exists; refusing to overwrite a valid checkpoint")
-            log.warning("replacing invalid %s (%s)", final.name, existing.problem)
-            self.remove(existing)
+            aside = self.quarantine(existing, dt.datetime.now().timestamp(), "replaced")
+            log.warning("replacing invalid %s (%s); kept as %s", final.name, existing.problem, aside.name)
         files = sorted(
             (p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink()
              and p.relative_to(tmp).as_posix() != MANIFEST),
