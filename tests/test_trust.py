@@ -551,3 +551,13 @@ def test_a_new_commit_of_a_step_sets_the_old_invalid_one_aside_never_deletes_it(
     [aside] = store.quarantined()
     assert aside.path.name.startswith("replaced-step-00000003-")
     assert (aside.path / "optimizer.bin").read_bytes() == b"\x80\x04K\x01."
+
+
+def test_a_remembered_verdict_never_hides_a_swapped_file(one_ckpt):
+    store, c = one_ckpt
+    assert store.check(c.path).valid and store._verdicts  # checked once, remembered
+    (c.path / "optimizer.bin").write_bytes(torch_like(600, obj={"x": 2}))  # same size, new content
+    assert store.check(c.path).valid
+    (c.path / "optimizer.bin").write_bytes(b"\x80\x04K\x01.")
+    rehash(c.path)
+    assert store.check(c.path).code == st.UNSAFE_PICKLE

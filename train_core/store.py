@@ -358,6 +358,14 @@ def _check_files(path: Path, step: int, manifest: dict, full: bool,
     return None, None, tuple(strays), to_scan
 
 
+def _identity(path: str) -> tuple | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _unlisted(path: Path, listed: set[str]) -> list[str]:
     """Relative paths of the files under `path` (not following symlinks) the manifest does not list."""
     out = []
@@ -380,6 +388,7 @@ class CheckpointStore:
     trust_pickle: bool = False
     # what commit() leaves: private (0600/0700), or group-readable for a group_shared run dir
     group_shared: bool = False
+    _verdicts: dict = field(default_factory=dict, repr=False)  # file identity -> pickle-check verdict
 
     @property
     def _file_mode(self) -> int:
@@ -453,11 +462,19 @@ class CheckpointStore:
         return Checkpoint(path, step, manifest, problem, checked_hashes=full and problem is None, code=code,
                           strays=strays), files
 
-    @staticmethod
-    def _seal(items: list[tuple[Checkpoint, _Files]]) -> list[Checkpoint]:
-        """The pickle check of every still-valid checkpoint at once (one capped child process,
-        safeload.check_files); a checkpoint is refused for its first file that fails it."""
-        verdicts = iter(safeload.check_files([f for c, files in items if c.valid for f in files]))
+    def _seal(self, items: list[tuple[Checkpoint, _Files]]) -> list[Checkpoint]:
+        """The pickle check of every still-valid checkpoint at once (capped child processes,
+        safeload.check_files); a checkpoint is refused for its first file that fails it. A file
+        already checked by this store, unchanged since (same inode, size, mtime and ctime: any
+        write changes the ctime), keeps its verdict: the supervisor rescans after every commit."""
+        wanted = [f for c, files in items if c.valid for f in files]
+        keys = [_identity(path) for path, _ in wanted]
+        todo = [f for f, k in zip(wanted, keys) if k is None or k not in self._verdicts]
+        fresh = dict(zip((f[0] for f in todo), safeload.check_files(todo)))
+        for (path, _), key in zip(wanted, keys):
+            if key is not None and path in fresh:
+                self._verdicts[key] = fresh[path]
+        verdicts = iter(fresh[p] if p in fresh else self._verdicts[k] for (p, _), k in zip(wanted, keys))
         out = []
         for ckpt, files in items:
             bad = [v for v in [next(verdicts) for _ in files] if v] if ckpt.valid else []
