@@ -196,6 +196,9 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _TRANSIENT_TEXT)
 
 
+_CUSTOM_RE = re.compile(r"^custom_checkpoint_\d+\.pkl$")  # custom_file(i), for any i
+
+
 @contextlib.contextmanager
 def _without_custom_files(path: Path) -> Iterator[Path]:
     """A private temporary view of checkpoint `path` (symlinks) without custom_checkpoint_<i>.pkl.
@@ -209,9 +212,6 @@ def _without_custom_files(path: Path) -> Iterator[Path]:
             if not _CUSTOM_RE.match(entry.name):
                 os.symlink(os.path.abspath(entry.path), view / entry.name)
         yield view
-
-
-_CUSTOM_RE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -890,18 +890,16 @@ class TrainSession:
             raise ResumeFailed(path, problem)
         name = path.name
         world = manifest.get("world_size")
-        if world is not None and (not isinstance(world, int) or isinstance(world, bool)):
-            raise ResumeFailed(path, f"manifest.json world_size must be an integer, got {world!r}"[:200])
+        old_micro, old_accum = manifest.get("micro_batch"), manifest.get("grad_accum")
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (world, old_micro, old_accum)) \
+                or not isinstance(manifest.get("registered", []), list):
+            raise ResumeFailed(path, "manifest.json world_size/micro_batch/grad_accum/registered have the wrong type")
         if world is not None and world != self.world_size:
             raise ConfigMismatch(
                 f"{name} was saved by {world} ranks, this run has {self.world_size}: resume with "
                 f"--num_processes {world}, or start a new run dir", ("world_size",)
             )
         check_config_change(manifest.get("config"), self.config, allow_changes=self.allow_changes, checkpoint=str(path))
-        old_micro, old_accum = manifest.get("micro_batch"), manifest.get("grad_accum")
-        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (world, old_micro, old_accum)) \
-                or not isinstance(manifest.get("registered", []), list):
-            raise ResumeFailed(path, "manifest.json world_size/micro_batch/grad_accum/registered have the wrong type")
         if old_micro and old_accum and self.micro_batch and old_micro * old_accum != self.micro_batch * self.grad_accum:
             if not {"micro_batch", "grad_accum"} & set(self.allow_changes):
                 raise ConfigMismatch(
