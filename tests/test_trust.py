@@ -177,45 +177,47 @@ def _pickled_files(ckpt: Path) -> list[str]:
 
 
 def test_a_checkpoint_holds_these_pickled_files(toy_run):
-    # The planted-payload test below covers whatever this list is; if a change adds one, it is covered too.
+    # The planted-payload test below attacks every pickled file it finds; this names today's.
     files = _pickled_files(toy_run / "checkpoints" / "step-00000004")
     assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"} <= set(files)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
-def test_planted_payload_never_runs(toy_run, tmp_path, victim):
-    run_dir = tmp_path / "run"
-    shutil.copytree(toy_run, run_dir)
-    ckpt = run_dir / "checkpoints" / "step-00000004"
-    assert victim in _pickled_files(ckpt)
-    marker = tmp_path / "PWNED"
-    (ckpt / victim).write_bytes(payload(marker))
-    rehash(ckpt)
-
-    # torch-free checks name the file and the import
-    c = CheckpointStore(run_dir / "checkpoints").check(ckpt, full=True)
-    assert c.code == st.UNSAFE_PICKLE and victim in c.problem and "posix.system" in c.problem
-    r = run_cli("checkpoints", "verify", str(run_dir))
-    assert r.returncode == 1 and f"INVALID: refused: {victim}" in r.stdout, r.stdout + r.stderr
-    # the rank's loader refuses it too, even if the scan were bypassed
-    with pytest.raises(Exception, match="Weights only load failed"):
-        safeload.load_torch_file(ckpt / victim)
-    # asked for by name: exit 2 naming the file; asked for "auto": the previous valid checkpoint
-    r = toy(run_dir, "--steps", "4", "--save-every", "2", env={"TRAINSUP_RESUME_FROM": str(ckpt)})
-    assert r.returncode == 2 and victim in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert read_json(run_dir / "ranks" / "exit-0.json")["kind"] == "bad_input"
-    r = toy(run_dir, "--steps", "4", "--save-every", "2", env={"TOY_LOG": "INFO"})
-    assert r.returncode == 0, r.stderr
-    assert "resumed from step-00000002" in r.stderr
-    assert not marker.exists()
-    # positive control: the same bytes under a plain torch.load(weights_only=False) do run
+def test_planted_payload_never_runs(toy_run, tmp_path):
+    """Every pickled file a checkpoint holds (today's, and any a later change adds: the list is
+    read from a real checkpoint), in turn replaced by a payload with the hashes recomputed."""
     import torch
 
-    planted = tmp_path / "planted.bin"
-    planted.write_bytes(payload(marker))
-    torch.load(planted, weights_only=False)
-    assert marker.exists()
+    victims = _pickled_files(toy_run / "checkpoints" / "step-00000004")
+    for victim in victims:
+        run_dir = tmp_path / victim / "run"
+        shutil.copytree(toy_run, run_dir)
+        ckpt = run_dir / "checkpoints" / "step-00000004"
+        marker = tmp_path / victim / "PWNED"
+        (ckpt / victim).write_bytes(payload(marker))
+        rehash(ckpt)
+
+        # torch-free checks name the file and the import
+        c = CheckpointStore(run_dir / "checkpoints").check(ckpt, full=True)
+        assert c.code == st.UNSAFE_PICKLE and victim in c.problem and "posix.system" in c.problem, c.problem
+        r = run_cli("checkpoints", "verify", str(run_dir))
+        assert r.returncode == 1 and f"INVALID: refused: {victim}" in r.stdout, r.stdout + r.stderr
+        # the rank's loader refuses it too, even if the check were bypassed
+        with pytest.raises(Exception, match="Weights only load failed"):
+            safeload.load_torch_file(ckpt / victim)
+        # asked for by name: exit 2 naming the file; asked for "auto": the previous valid checkpoint
+        r = toy(run_dir, "--steps", "4", "--save-every", "2", env={"TRAINSUP_RESUME_FROM": str(ckpt)})
+        assert r.returncode == 2 and victim in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert read_json(run_dir / "ranks" / "exit-0.json")["kind"] == "bad_input"
+        r = toy(run_dir, "--steps", "4", "--save-every", "2", env={"TOY_LOG": "INFO"})
+        assert r.returncode == 0, r.stderr
+        assert "resumed from step-00000002" in r.stderr
+        assert not marker.exists(), victim
+        # positive control: the same bytes under a plain torch.load(weights_only=False) do run
+        planted = tmp_path / victim / "planted.bin"
+        planted.write_bytes(payload(marker))
+        torch.load(planted, weights_only=False)
+        assert marker.exists()
 
 
 @pytest.mark.slow
