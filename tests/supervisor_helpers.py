@@ -136,3 +136,24 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
+
+
+class QuietWatcher:
+    """A test double of supervisor.watch.Watcher that decides nothing: subclasses override poll."""
+
+    name = "quiet"
+
+    def poll(self, now):
+        return []
+
+    def blocking_reason(self, now):
+        return None
+
+    def on_checkpoint(self, step, now):
+        pass
+
+    def status(self):
+        return {}
+
+    def close(self):
+        pass

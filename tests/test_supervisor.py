@@ -21,7 +21,7 @@ from supervisor.errors import LockedError
 from supervisor.events import EventLog, read_events
 from supervisor.runner import Runner, State, TransitionError, acquire_run_lock
 from supervisor.watch import Action, Decision
-from supervisor_helpers import events, read_json, run_processes, write_job
+from supervisor_helpers import QuietWatcher, events, read_json, run_processes, write_job
 from train_core import runfiles
 from train_core.store import CheckpointStore
 
@@ -109,7 +109,7 @@ def test_watcher_decisions_drive_the_run(tmp_path):
     assert w.closed
 
 
-class SignalAt:
+class SignalAt(QuietWatcher):
     """Injects stop signals into the runner's queue, as its signal handler would."""
 
     name = "signals"
@@ -126,18 +126,6 @@ class SignalAt:
         while self.t0 is not None and self.times and now - self.t0 >= self.times[0][0]:
             self.box[0].enqueue_signal(self.times.pop(0)[1])
         return []
-
-    def blocking_reason(self, now):
-        return None
-
-    def on_checkpoint(self, step, now):
-        pass
-
-    def status(self):
-        return {}
-
-    def close(self):
-        pass
 
 
 def test_second_ctrl_c_stops_at_once(tmp_path):

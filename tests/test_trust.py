@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from supervisor_helpers import (
-    events, finish, read_json, run_cli, run_processes, start_supervisor, wait_for, write_job,
+    QuietWatcher, events, finish, read_json, run_cli, run_processes, start_supervisor, wait_for, write_job,
 )
 from torchfile import torch_like
 from train_core import safeload
@@ -459,7 +459,7 @@ def test_checkpoint_of_another_config_stops_at_once_with_exit_2(stopped_at_6, tm
 # --------------------------------------------------------------------------- time asleep
 
 
-class Suspend:
+class Suspend(QuietWatcher):
     """A watcher that, once the run trains, freezes every process of the run (SIGSTOP) for 3 s,
     longer than hang_timeout_s: what a laptop's sleep looks like to the supervisor, except
     that the sleep also stops CLOCK_MONOTONIC. The injected clocks model that: the monotonic
@@ -486,17 +486,8 @@ class Suspend:
                 p.resume()
         return []
 
-    def blocking_reason(self, now):
-        return None
-
-    def on_checkpoint(self, step, now):
-        pass
-
     def status(self):
         return {"suspended": self.done}
-
-    def close(self):
-        pass
 
 
 def test_a_suspend_longer_than_the_hang_timeout_is_not_a_hang(tmp_path):
