@@ -32,8 +32,8 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from supervisor.gpu import FakeGpuBackend, FakeScript, GpuUnavailable, GpuWatcher, NvmlBackend  # noqa: E402
-from supervisor.thermal import GpuConfig  # noqa: E402
+from supervisor.watch.gpu import FakeGpuBackend, FakeScript, GpuUnavailable, GpuWatcher, NvmlBackend  # noqa: E402
+from supervisor.watch.thermal import GpuConfig  # noqa: E402
 
 GIB = 2**30
 

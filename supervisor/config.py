@@ -13,7 +13,7 @@ parse as TOML it is taken as a plain string (`--set train.script=other.py`).
 
 Sections other than the ones below are parsed by `SECTION_PARSERS` (name -> callable
 taking the section's dict and returning a frozen config, raising ValueError with a
-message naming the key). supervisor.extensions registers [gpu], [power], [logind]; their results are
+message naming the key). supervisor.watch.registry registers [gpu], [power], [logind]; their results are
 in `JobConfig.sections[name]` (the parser is called with {} when the section is absent).
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
-from supervisor import extensions
+from supervisor.watch import registry as extensions
 from supervisor.errors import UserError
 from train_core.retention import RetentionError, RetentionPolicy
 from train_core.runfiles import ENV_SAVE_SIGNAL
@@ -40,7 +40,7 @@ class JobConfigError(UserError):
     """A bad job.toml or --set override: one line naming the key path and the fix (exit 2)."""
 
 
-# name -> parser(section: dict) -> frozen config object: [gpu], [power], [logind] (supervisor.extensions).
+# name -> parser(section: dict) -> frozen config object: [gpu], [power], [logind] (supervisor.watch.registry).
 SECTION_PARSERS: dict[str, Callable[[Mapping[str, Any]], Any]] = dict(extensions.SECTIONS)
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")

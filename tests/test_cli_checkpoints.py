@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 from torchfile import torch_like
 
-from supervisor import cli_checkpoints
+import supervisor.cli.checkpoints as cli_checkpoints
 from supervisor.cli import main
-from supervisor.cli_common import resolve_run_dir
+from supervisor.cli.common import resolve_run_dir
 from supervisor.errors import UserError
 from train_core.store import FORMAT_VERSION, CheckpointStore
 

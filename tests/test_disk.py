@@ -1,4 +1,4 @@
-"""supervisor.disk: the free-space policy and watcher (statvfs faked), and train_core's cleanup
+"""supervisor.watch.disk: the free-space policy and watcher (statvfs faked), and train_core's cleanup
 of a save that failed."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from supervisor import disk
-from supervisor.disk import MARGIN_BYTES, DiskWatcher, checkpoint_bytes, disk_problem, space_needed
+from supervisor.watch import disk
+from supervisor.watch.disk import MARGIN_BYTES, DiskWatcher, checkpoint_bytes, disk_problem, space_needed
 from supervisor.watch import Action
 from train_core.store import CheckpointStore, StoreError
 

@@ -1,12 +1,12 @@
-"""supervisor.extensions: which watchers a job gets."""
+"""supervisor.watch.registry: which watchers a job gets."""
 
 from __future__ import annotations
 
 import json
 
-from supervisor import extensions
+from supervisor.watch import registry as extensions
 from supervisor.config import load_job
-from supervisor.gpu import GpuWatcher
+from supervisor.watch.gpu import GpuWatcher
 from supervisor_helpers import write_job
 
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from supervisor.gpu import (
+from supervisor.watch.gpu import (
     FakeGpuBackend,
     FakeScript,
     GpuUnavailable,
@@ -22,7 +22,7 @@ from supervisor.gpu import (
     load_fake_script,
     visible_nvml_indices,
 )
-from supervisor.thermal import ConfigError, GpuConfig, GpuReading
+from supervisor.watch.thermal import ConfigError, GpuConfig, GpuReading
 from supervisor.watch import Action
 
 GIB = 2**30
@@ -142,7 +142,7 @@ def test_vram_warning_once_per_episode_through_the_watcher():
 def test_backend_failure_mid_run_goes_unmonitored_once_and_resumes(caplog):
     points = [{"t_s": 0, "temp_c": 85}, {"t_s": 4, "fail": "nvmlDeviceGetMemoryInfo on GPU 0: the GPU is lost"}]
     w, clock = fake_watcher(points)
-    with caplog.at_level(logging.WARNING, logger="supervisor.gpu"):
+    with caplog.at_level(logging.WARNING, logger="supervisor.watch.gpu"):
         events = drive(w, clock, 10)
     assert events == [
         (0, Action.NOTE, "gpu_watch_started"),
@@ -272,7 +272,7 @@ def test_threaded_poll_never_waits_for_a_hung_backend():
 
 def test_real_nvml_path_without_a_driver_warns_once_and_continues(caplog):
     w = GpuWatcher(GpuConfig(poll_interval_s=0.1), NvmlBackend(), threaded=True)
-    with caplog.at_level(logging.WARNING, logger="supervisor.gpu"):
+    with caplog.at_level(logging.WARNING, logger="supervisor.watch.gpu"):
         w.start()
         w._thread.join(10)  # opening fails fast: the thread ends
         first = w.poll(time.monotonic())
@@ -462,7 +462,7 @@ def test_only_the_jobs_gpus_are_watched():
 
 def test_no_visible_gpu_is_unmonitored_not_an_error(caplog):
     w, clock = fake_watcher([{"t_s": 0, "temp_c": 99}], cvd="")
-    with caplog.at_level(logging.WARNING, logger="supervisor.gpu"):
+    with caplog.at_level(logging.WARNING, logger="supervisor.watch.gpu"):
         events = drive(w, clock, 2)
     assert [e[2] for e in events] == ["gpu_unmonitored"]
     assert w.status()["reason"] == "no GPU visible to the job (CUDA_VISIBLE_DEVICES='', 1 on the machine)"

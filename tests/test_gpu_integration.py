@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.cli_run import format_gpu_status
+from supervisor.cli.run import format_gpu_status
 from supervisor_helpers import (
     finish,
     REPO,

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from fake_login1 import FakeLogind, PrivateBus, dbus_daemon_available  # noqa: E402
 
-from supervisor.logind import ConfigError, LogindConfig, LogindWatcher, system_bus_address  # noqa: E402
+from supervisor.watch.logind import ConfigError, LogindConfig, LogindWatcher, system_bus_address  # noqa: E402
 from supervisor.watch import Action, Decision  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dbus_daemon_available(), reason="dbus-daemon is not installed")
@@ -195,7 +195,7 @@ def test_inhibit_denied_still_asks_for_a_save(make) -> None:
 
 
 def test_no_bus_warns_once_and_run_continues(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="supervisor.logind")
+    caplog.set_level(logging.WARNING, logger="supervisor.watch.logind")
     w = LogindWatcher(bus_address=f"unix:path={tmp_path}/no-such-bus")
     try:
         assert w.wait_ready(5)

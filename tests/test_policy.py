@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from supervisor.config import RestartConfig
-from supervisor.policy import (
+from supervisor.runner.policy import (
     AttemptResult,
     ExitKind,
     LauncherStatus,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.power import (
+from supervisor.watch.power import (
     ConfigError,
     PowerConfig,
     PowerMode,

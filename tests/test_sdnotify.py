@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.sdnotify import SdNotifier, SdNotifyReporter, child_env, status_text
+from supervisor.systemd.sdnotify import SdNotifier, SdNotifyReporter, child_env, status_text
 
 
 def _path_socket(tmp_path: Path) -> tuple[socket.socket, str]:

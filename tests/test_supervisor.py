@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from supervisor import launch as L
+from supervisor.runner import launch as L
 from supervisor.cli import main
-from supervisor.cli_run import Console, collect_status
+from supervisor.cli.run import Console, collect_status
 from supervisor.config import load_job
 from supervisor.errors import LockedError
 from supervisor.events import EventLog, read_events
@@ -359,7 +359,7 @@ def test_read_events_skips_torn_line(tmp_path):
 
 
 def test_watcher_status_lines():
-    from supervisor.cli_run import watcher_summary
+    from supervisor.cli.run import watcher_summary
 
     assert watcher_summary({"available": False, "reason": "no D-Bus system bus"}) == "unavailable: no D-Bus system bus"
     assert watcher_summary({"summary": "on battery 40%", "blocking": "on battery"}) == \

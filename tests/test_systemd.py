@@ -12,7 +12,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from supervisor import service as svc
+from supervisor.systemd import service as svc
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = sorted((REPO / "systemd").glob("*.service")) + sorted((REPO / "systemd").glob("*.timer"))

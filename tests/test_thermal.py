@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.thermal import (
+from supervisor.watch.thermal import (
     THROTTLE_BITS,
     ConfigError,
     GpuConfig,
@@ -349,6 +349,6 @@ def test_give_up_reason_names_the_fix():
 
 
 def test_policies_import_neither_torch_nor_pynvml():
-    code = "import sys, supervisor.thermal, supervisor.gpu; bad = {'torch', 'accelerate', 'pynvml'} & set(sys.modules); assert not bad, bad"
+    code = "import sys, supervisor.watch.thermal, supervisor.watch.gpu; bad = {'torch', 'accelerate', 'pynvml'} & set(sys.modules); assert not bad, bad"
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})

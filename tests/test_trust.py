@@ -473,7 +473,7 @@ class Suspend(QuietWatcher):
         self.done = False
 
     def poll(self, now):
-        from supervisor import launch
+        from supervisor.runner import launch
 
         if not self.done and (read_json(self.status) or {}).get("step", -1) >= 5:
             self.done = True

@@ -234,11 +234,11 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
     Example:
       trainsup run job.toml --set stop.grace_s=120
     """
-    from supervisor import launch
+    from supervisor.runner import launch
     from supervisor.rundir import secure_run_dir
     from supervisor.runner import Runner, build_watchers
-    from supervisor.sdnotify import SD_ENV_VARS, SdNotifier, SdNotifyReporter
-    from supervisor.service import STOP_MARGIN_S
+    from supervisor.systemd.sdnotify import SD_ENV_VARS, SdNotifier, SdNotifyReporter
+    from supervisor.systemd.service import STOP_MARGIN_S
 
     from train_core.runfiles import RunPaths
 

@@ -31,13 +31,15 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import filelock
 
-from supervisor import extensions, rundir
-from supervisor import launch as L
+from supervisor import rundir
+from supervisor.watch import registry as extensions
+from supervisor.runner import launch as L
 from supervisor.config import JobConfig, save_signal_of
 from supervisor.errors import EXIT_GAVE_UP, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, LockedError
 from supervisor.events import EventLog, read_events
-from supervisor.thermal import GpuConfig, next_batch_shape, oom_give_up_reason
-from supervisor.policy import (
+from supervisor.runner.states import ALLOWED, State, TransitionError
+from supervisor.watch.thermal import GpuConfig, next_batch_shape, oom_give_up_reason
+from supervisor.runner.policy import (
     AttemptResult,
     ExitKind,
     LauncherStatus,
@@ -60,36 +62,6 @@ LOCK_PID_SUFFIX = ".pid"
 OLD_RANKS_MARGIN_S = 10.0  # waiting for an earlier run's ranks: their stop window plus this
 
 
-class State(enum.Enum):
-    STARTING = "starting"  # launcher spawned, no heartbeat of this attempt yet
-    RUNNING = "running"  # heartbeats arriving
-    STOPPING = "stopping"  # save requested (or hung): waiting for exits, escalating
-    BACKOFF = "backoff"  # waiting before the next attempt
-    WAITING = "waiting"  # a watcher blocks the next attempt (too hot, on battery, ...)
-    EXITED = "exited"  # done: finished, or stopped on request
-    FATAL = "fatal"  # gave up
-
-    @property
-    def terminal(self) -> bool:
-        return self in (State.EXITED, State.FATAL)
-
-
-_ALLOWED: dict[State | None, frozenset[State]] = {
-    None: frozenset({State.STARTING, State.WAITING, State.EXITED}),
-    State.STARTING: frozenset({State.RUNNING, State.STOPPING, State.BACKOFF, State.WAITING, State.EXITED, State.FATAL}),
-    State.RUNNING: frozenset({State.STOPPING, State.BACKOFF, State.WAITING, State.EXITED, State.FATAL}),
-    State.STOPPING: frozenset({State.BACKOFF, State.WAITING, State.EXITED, State.FATAL}),
-    State.BACKOFF: frozenset({State.STARTING, State.WAITING, State.EXITED}),
-    State.WAITING: frozenset({State.STARTING, State.EXITED}),
-    State.EXITED: frozenset(),
-    State.FATAL: frozenset(),
-}
-
-
-class TransitionError(RuntimeError):
-    pass
-
-
 class Reporter(Protocol):
     """Where the CLI shows what happens (logging covers transitions; this covers the rest)."""
 
@@ -109,7 +81,7 @@ class NullReporter:
 # --------------------------------------------------------------------------- watchers
 
 # One factory per watcher kind: factory(job) -> Watcher, or None when the job does not want
-# it. The built-in ones ([gpu], [power], [logind]) come from supervisor.extensions.
+# it. The built-in ones ([gpu], [power], [logind]) come from supervisor.watch.registry.
 WATCHER_FACTORIES: list[Callable[[JobConfig], Watcher | None]] = list(extensions.WATCHERS)
 
 
@@ -410,7 +382,7 @@ class Runner:
     # -- transitions ----------------------------------------------------------
     def _transition(self, new: State, now: float, cause: str, **fields: Any) -> None:
         old = self.state
-        if new not in _ALLOWED[old]:
+        if new not in ALLOWED[old]:
             raise TransitionError(f"illegal transition {old} -> {new} ({cause})")
         self.state = new
         attempt = self.attempt.number if self.attempt else None

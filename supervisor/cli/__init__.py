@@ -22,16 +22,10 @@ def main() -> None:
     """
 
 
-from supervisor.cli_run import run_cmd, status_cmd, validate_cmd  # noqa: E402
+# Submodules are bound as modules (supervisor.cli.checkpoints is the module, not its group).
+from supervisor.cli import checkpoints as _checkpoints  # noqa: E402
+from supervisor.cli import run as _run  # noqa: E402
+from supervisor.systemd import service as _service  # noqa: E402
 
-main.add_command(run_cmd)
-main.add_command(validate_cmd)
-main.add_command(status_cmd)
-
-from supervisor.cli_checkpoints import checkpoints  # noqa: E402
-
-main.add_command(checkpoints)
-
-from supervisor.service import service  # noqa: E402
-
-main.add_command(service)
+for _cmd in (_run.run_cmd, _run.validate_cmd, _run.status_cmd, _checkpoints.checkpoints, _service.service):
+    main.add_command(_cmd)

@@ -18,19 +18,19 @@ if TYPE_CHECKING:
 
 
 def parse_gpu(body: Mapping[str, Any]) -> Any:
-    from supervisor.thermal import GpuConfig
+    from supervisor.watch.thermal import GpuConfig
 
     return GpuConfig.from_dict(body)
 
 
 def parse_power(body: Mapping[str, Any]) -> Any:
-    from supervisor.power import PowerConfig
+    from supervisor.watch.power import PowerConfig
 
     return PowerConfig.from_dict(body)
 
 
 def parse_logind(body: Mapping[str, Any]) -> Any:
-    from supervisor.logind import LogindConfig
+    from supervisor.watch.logind import LogindConfig
 
     return LogindConfig.from_dict(body)
 
@@ -43,7 +43,7 @@ SECTIONS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
 
 
 def gpu_watcher(job: "JobConfig") -> "Watcher | None":
-    from supervisor.gpu import build_gpu_watcher
+    from supervisor.watch.gpu import build_gpu_watcher
 
     cfg = job.sections.get("gpu")
     if cfg is None:
@@ -51,7 +51,7 @@ def gpu_watcher(job: "JobConfig") -> "Watcher | None":
     if job.launch.cpu and not cfg.fake_script:
         return None  # a CPU job uses no GPU: no NVML, and no "GPU unmonitored" warning on every run
     base = _job_dir(job)
-    # The child gets CUDA_DEVICE_ORDER=PCI_BUS_ID unless the job sets another (supervisor.launch).
+    # The child gets CUDA_DEVICE_ORDER=PCI_BUS_ID unless the job sets another (supervisor.runner.launch).
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", **os.environ, **job.train.env}
     return build_gpu_watcher(cfg, base_dir=base, env=env)
 
@@ -59,7 +59,7 @@ def gpu_watcher(job: "JobConfig") -> "Watcher | None":
 def power_watcher(job: "JobConfig") -> "Watcher | None":
     """[power] sysfs_root (default /sys/class/power_supply; a relative path is taken from the
     job file's directory, like [train] script) is where tests put a fake tree."""
-    from supervisor.power import PowerWatcher, SysfsPowerSource
+    from supervisor.watch.power import PowerWatcher, SysfsPowerSource
 
     cfg = job.sections.get("power")
     if cfg is None or not cfg.enabled:
@@ -71,8 +71,8 @@ def logind_watcher(job: "JobConfig") -> "Watcher | None":
     """The bus is $DBUS_SYSTEM_BUS_ADDRESS, else /run/dbus/system_bus_socket: the variable every
     D-Bus library honours, so a test (or a container) points it at a private dbus-daemon without a
     job.toml key. The runner sets the watcher's `wakeup` to its self-pipe; the watcher watches the
-    checkpoints dir while logind waits for a commit (see supervisor.logind)."""
-    from supervisor.logind import LogindWatcher
+    checkpoints dir while logind waits for a commit (see supervisor.watch.logind)."""
+    from supervisor.watch.logind import LogindWatcher
     from train_core.runfiles import RunPaths
 
     cfg = job.sections.get("logind")
@@ -82,7 +82,7 @@ def logind_watcher(job: "JobConfig") -> "Watcher | None":
 
 
 def disk_watcher(job: "JobConfig") -> "Watcher | None":
-    from supervisor.disk import DiskWatcher
+    from supervisor.watch.disk import DiskWatcher
 
     return DiskWatcher(job.run_dir)  # always on: a full disk needs no opt-in
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import click
 
-from supervisor.cli_common import is_job_file, load_job_file, open_store, resolve_run_dir
+from supervisor.cli.common import is_job_file, load_job_file, open_store, resolve_run_dir
 from supervisor.errors import EXIT_INTERNAL, LockedError, UserError
 from train_core.retention import Entry, RetentionPolicy, plan_retention
 from train_core.runfiles import RunPaths

@@ -48,7 +48,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from supervisor.power import ConfigError
+from supervisor.watch.power import ConfigError
 from supervisor.watch import Action, Decision
 
 log = logging.getLogger(__name__)

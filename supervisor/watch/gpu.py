@@ -3,7 +3,7 @@
     backend (NvmlBackend | FakeGpuBackend)   <- the only code that touches NVML
         read() in the watcher's own thread, every poll_interval_s
     GpuWatcher.poll(now)                      <- the supervisor's loop, ~1/s, never blocks
-        takes the newest snapshot, runs the pure policies of supervisor.thermal,
+        takes the newest snapshot, runs the pure policies of supervisor.watch.thermal,
         returns Decisions (PAUSE / RESUME / STOP / NOTE)
 
 NVML missing or failing is not an error of the run: one warning is logged, the
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
-from supervisor.thermal import (
+from supervisor.watch.thermal import (
     THROTTLE_NAMES,
     ConfigError,
     GpuConfig,

@@ -1,0 +1,1 @@
+"""systemd: the user service unit (`trainsup service`) and the Type=notify protocol."""
