@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import click
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2  # usage, invalid job/config, unusable path: the message names the fix
-EXIT_GAVE_UP = 3  # restart budget spent or no progress
-EXIT_LOCKED = 4  # the run dir is locked by another supervisor
-EXIT_SAVED = 75  # stopped on request with a checkpoint saved
+from train_core.contract import EXIT_LOCKED, EXIT_USAGE
 
 
 class UserError(click.ClickException):

@@ -245,7 +245,6 @@ def test_prune_never_removes_the_newest_valid_even_when_newer_ones_are_invalid(t
 
 
 def test_prune_policy_from_job_file_with_flag_override(tmp_path):
-    pytest.importorskip("supervisor.config", reason="supervisor.config (job files) is not written yet")
     make_run(tmp_path / "runs" / "job")
     job = tmp_path / "job.toml"
     job.write_text('run_dir = "runs/job"\n[train]\nscript = "train.py"\n'
@@ -348,7 +347,6 @@ def _bad_symlinked_checkpoints(tmp):
 
 
 def _bad_job_without_run(tmp):
-    pytest.importorskip("supervisor.config", reason="supervisor.config (job files) is not written yet")
     (tmp / "job.toml").write_text('run_dir = "runs/x"\n[train]\nscript = "train.py"\n')
     return tmp / "job.toml", (f"Error: {tmp / 'runs' / 'x'} (run_dir of {tmp / 'job.toml'}) does not exist: the job "
                               f"has not run yet; start it with `trainsup run {tmp / 'job.toml'}`")
@@ -388,7 +386,6 @@ def test_bad_input_is_one_line_exit_2_nothing_deleted(tmp_path, command, make):
 
 
 def test_resolve_run_dir_accepts_a_job_file(tmp_path):
-    pytest.importorskip("supervisor.config", reason="supervisor.config (job files) is not written yet")
     (tmp_path / "runs" / "x").mkdir(parents=True)
     (tmp_path / "job.toml").write_text('run_dir = "runs/x"\n[train]\nscript = "missing_script_is_fine.py"\n')
     assert resolve_run_dir(str(tmp_path / "job.toml")) == tmp_path / "runs" / "x"
@@ -396,18 +393,6 @@ def test_resolve_run_dir_accepts_a_job_file(tmp_path):
     (tmp_path / "bad.toml").write_text("[retention]\nkeep_last = 0\n[train]\nscript = 'a.py'\n")
     with pytest.raises(UserError, match=r"bad.toml: \[retention\] keep_last must be"):
         resolve_run_dir(str(tmp_path / "bad.toml"))
-
-
-def test_job_file_without_supervisor_config_is_a_clear_error(tmp_path, monkeypatch):
-    (tmp_path / "job.toml").write_text("")
-    monkeypatch.setitem(sys.modules, "supervisor.config", None)  # import fails as if the module were missing
-    import supervisor
-
-    monkeypatch.delattr(supervisor, "config", raising=False)
-    with pytest.raises(UserError) as e:
-        resolve_run_dir(str(tmp_path / "job.toml"))
-    assert e.value.message == (f"{tmp_path / 'job.toml'}: this trainsup cannot read job files yet "
-                               "(supervisor.config is missing); pass the RUN_DIR instead")
 
 
 # --------------------------------------------------------------------------- permission denied (as root too)

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from supervisor.config import RestartConfig
+from train_core.contract import ExitKind
 from supervisor.runner.policy import (
     AttemptResult,
-    ExitKind,
     LauncherStatus,
     RestartState,
     Verdict,

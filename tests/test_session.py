@@ -22,7 +22,8 @@ from accelerate.state import AcceleratorState, GradientState
 
 from train_core import session as session_mod
 from train_core.fingerprint import ConfigError, ConfigMismatch, check_config_change, diff_configs, fingerprint
-from train_core.heartbeat import RankWatcher, pid_alive
+from train_core.contract import pid_alive
+from train_core.heartbeat import RankWatcher
 from train_core.runfiles import Control, RunPaths, read_json, write_control
 from train_core.signals import StopFlag, ignore_stop_signals_worker_init, parse_signal
 from train_core.store import CheckpointStore

@@ -322,16 +322,23 @@ def test_status_of_a_run_dir(tmp_path):
     st = json.loads(r.output)
     assert st["step"] == 140 and st["last_checkpoint"]["step"] == 120 and st["supervisor_running"] is True
     r = CliRunner().invoke(main, ["status", str(tmp_path / "nope")])
-    assert r.exit_code == 2 and "no such run dir or job file" in r.output
+    assert r.exit_code == 2 and "nope: no such directory; pass an existing RUN_DIR or JOB.toml" in r.output
 
 
-def test_status_of_a_stopped_run_via_job_file(tmp_path):
+def test_status_of_a_job_that_never_ran(tmp_path):
+    """One run-dir resolution, one deliberate difference: `status` of a job whose run dir does
+    not exist yet answers "never run"; the checkpoint commands have nothing to show and exit 2."""
     job = write_job(tmp_path, [])
-    (tmp_path / "run").mkdir()
-    st = collect_status(load_job(job).run_dir)
-    assert st["state"] == "never run" and st["supervisor_running"] is False
+    run_dir = load_job(job).run_dir
+    assert not run_dir.exists()
     r = CliRunner().invoke(main, ["status", str(job)])
     assert r.exit_code == 0 and "state:           never run" in r.output
+    assert not run_dir.exists()  # looking creates nothing
+    r = CliRunner().invoke(main, ["checkpoints", "list", str(job)])
+    assert r.exit_code == 2 and "the job has not run yet" in r.output
+    run_dir.mkdir()
+    st = collect_status(run_dir)
+    assert st["state"] == "never run" and st["supervisor_running"] is False
 
 
 def test_console_plain_and_tty():

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from train_core.contract import pid_alive
 from train_core.runfiles import RunPaths, read_control, read_json, write_json_atomic
 from train_core.signals import StopFlag
 
@@ -21,22 +22,6 @@ log = logging.getLogger(__name__)
 CONTROL_POLL_S = 0.25
 SUPERVISOR_POLL_S = 1.0
 HEARTBEAT_S = 1.0  # contract: status.json at least every ~2 s
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie counts as gone: it will never act again)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            # the state follows the parenthesised command name, which may hold spaces
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
 
 
 class ControlState:

@@ -37,29 +37,6 @@ ENV_CHECKPOINT_INTERVAL_STEPS = "TRAINSUP_CHECKPOINT_INTERVAL_STEPS"  # [checkpo
 ENV_GROUP_SHARED = "TRAINSUP_GROUP_SHARED"  # "1": the job's run dir is shared with the group (checkpoints 0640)
 ENV_STOP_WINDOW_S = "TRAINSUP_STOP_WINDOW_S"  # a rank whose supervisor died exits after this long, saved or not
 
-# Exit codes of a rank (and of `trainsup run`, design.md).
-EXIT_FINISHED = 0
-EXIT_SAVED = 75  # EX_TEMPFAIL: "saved a checkpoint, stopped on request"
-EXIT_BAD_INPUT = 2  # the script rejected its input (corpus, flags): nothing was trained
-
-
-def report_bad_input(message: str) -> int:
-    """For a script that finds its input unusable before training: under `trainsup run`, write
-    ranks/exit-R.json with kind "bad_input" so the supervisor stops at once with exit 2 and
-    this message (retrying cannot help); run plainly, do nothing. Returns EXIT_BAD_INPUT, the
-    code to exit with. Call it after printing the message."""
-    run_dir = os.environ.get(ENV_RUN_DIR)
-    if run_dir:
-        rank = int(os.environ.get("RANK") or 0)
-        paths = RunPaths(Path(run_dir))
-        paths.ranks.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_json_atomic(paths.exit_file(rank), {
-            "rank": rank, "pid": os.getpid(), "attempt": int(os.environ.get(ENV_ATTEMPT) or 0),
-            "kind": "bad_input", "code": EXIT_BAD_INPUT, "step": -1, "detail": message, "finished_at": time.time(),
-        })
-    return EXIT_BAD_INPUT
-
-
 NO_FLOCK_ERRNOS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)  # e.g. Lustre without -o flock, NFS without lockd
 
 

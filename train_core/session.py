@@ -75,13 +75,12 @@ from train_core.runfiles import (
     ENV_RUN_DIR,
     ENV_STOP_WINDOW_S,
     ENV_SUPERVISOR_PID,
-    EXIT_BAD_INPUT,
-    EXIT_SAVED,
     RunPaths,
     hold_alive_lock,
     write_json_atomic,
 )
 from train_core import safeload
+from train_core.contract import EXIT_INTERNAL, EXIT_SAVED, EXIT_USAGE, ExitKind, write_exit_report
 from train_core.signals import StopFlag, ignore_stop_signals_worker_init
 from train_core.store import UNREADABLE_FILE, Checkpoint, CheckpointStore, StoreError, step_dir_name
 
@@ -96,7 +95,6 @@ def custom_file(index: int) -> str:
 
 
 TRAINER_STATE_FORMAT = 1
-EXIT_FAILED = 1  # oom / resume_failed / error: the kind in ranks/exit-R.json says which
 PAUSE_POLL_S = 0.2
 _LOAD_OK, _LOAD_TRANSIENT, _LOAD_BROKEN = 0, 1, 2  # ordered: the worst rank's verdict wins
 
@@ -419,7 +417,7 @@ class TrainSession:
             self._state = "stopped"
             self._report_bad_input(message)
             self._teardown()
-            raise SystemExit(EXIT_BAD_INPUT) from None
+            raise SystemExit(EXIT_USAGE) from None
         except BaseException as exc:
             self._exit_with(exc)
             raise
@@ -438,7 +436,7 @@ class TrainSession:
                 self._exit_with(e)
                 raise
             self._state = "finished"
-            self._report_exit("finished", 0)
+            self._report_exit(ExitKind.FINISHED, 0)
             self._teardown()
             self.close()
             return False
@@ -452,18 +450,18 @@ class TrainSession:
         try:
             if isinstance(exc, StopTraining):
                 self._state = "stopped"
-                self._report_exit("saved", EXIT_SAVED, checkpoint=exc.checkpoint.path, detail=exc.why)
+                self._report_exit(ExitKind.SAVED, EXIT_SAVED, checkpoint=exc.checkpoint.path, detail=exc.why)
             elif isinstance(exc, ResumeFailed):
                 self._state = "stopped"
-                self._report_exit("resume_failed", EXIT_FAILED, checkpoint=exc.checkpoint, detail=exc.problem,
+                self._report_exit(ExitKind.RESUME_FAILED, EXIT_INTERNAL, checkpoint=exc.checkpoint, detail=exc.problem,
                                   transient=exc.transient)
             elif is_oom(exc):
                 self._state = "stopped"
-                self._report_exit("oom", EXIT_FAILED, detail=_one_line(exc))
+                self._report_exit(ExitKind.OOM, EXIT_INTERNAL, detail=_one_line(exc))
             else:
                 self._state = "stopped"
-                code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else EXIT_FAILED
-                self._report_exit("error", code, detail=_one_line(exc))
+                code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else EXIT_INTERNAL
+                self._report_exit(ExitKind.ERROR, code, detail=_one_line(exc))
         except Exception as e:  # noqa: BLE001 - reporting must never mask the real exception
             log.error("could not write the exit report: %s", e)
         self._teardown()
@@ -1012,19 +1010,14 @@ class TrainSession:
 
     def _report_bad_input(self, message: str) -> None:
         try:
-            self._report_exit("bad_input", EXIT_BAD_INPUT, detail=message)
+            self._report_exit(ExitKind.BAD_INPUT, EXIT_USAGE, detail=message)
         except Exception as e:  # noqa: BLE001
             log.error("could not write the exit report: %s", e)
 
-    def _report_exit(self, kind: str, code: int, *, checkpoint: Any = None, detail: str = "",
+    def _report_exit(self, kind: ExitKind, code: int, *, checkpoint: Any = None, detail: str = "",
                      transient: bool = False) -> None:
-        write_json_atomic(self.paths.exit_file(self.rank), {
+        write_exit_report(self.paths, self.rank, self.attempt, kind, code, **{
             "transient": transient,
-            "rank": self.rank,
-            "pid": os.getpid(),
-            "attempt": self.attempt,
-            "kind": kind,
-            "code": code,
             "step": self.global_step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -1034,7 +1027,6 @@ class TrainSession:
             "micro_batch": self.micro_batch,
             "grad_accum": self.grad_accum,
             "world_size": self.world_size,
-            "finished_at": time.time(),
         })
 
     def _status(self) -> dict[str, Any]:

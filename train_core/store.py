@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from train_core import safeload
+from train_core.contract import pid_alive
 from train_core.runfiles import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -657,7 +658,7 @@ class CheckpointStore:
         removed = []
         for tmp in self.tmp_dirs():
             pid = int(_TMP_RE.match(tmp.name).group(2))
-            if pid != os.getpid() and _pid_alive(pid):
+            if pid != os.getpid() and pid_alive(pid):
                 continue  # somebody is still writing it
             if tmp.is_symlink():
                 log.warning("leaving %s alone: it is a symlink", tmp)
@@ -687,11 +688,3 @@ def _rmtree(path: Path) -> None:
         path.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -41,7 +41,7 @@ from tqdm import tqdm  # noqa: E402
 from examples.gpt.data import DataError, TokenBlockDataset, load_tokenizer, prepare_data  # noqa: E402
 from examples.gpt.model import EMA, GPT, GPTConfig  # noqa: E402
 from train_core import TrainSession  # noqa: E402
-from train_core.runfiles import report_bad_input  # noqa: E402
+from train_core.contract import report_bad_input  # noqa: E402
 
 log = logging.getLogger("examples.gpt.train")
 

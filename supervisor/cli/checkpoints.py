@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import click
 
 from supervisor.cli.common import is_job_file, load_job_file, open_store, resolve_run_dir
-from supervisor.errors import EXIT_INTERNAL, LockedError, UserError
+from supervisor.errors import LockedError, UserError
+from train_core.contract import EXIT_INTERNAL
 from train_core.retention import Entry, RetentionPolicy, plan_retention
 from train_core.runfiles import RunPaths
 from train_core.store import DUPLICATE_STEP, Checkpoint, CheckpointStore

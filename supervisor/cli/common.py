@@ -25,20 +25,10 @@ def load_job_file(arg: str):
     path = Path(arg).expanduser()
     if not path.exists():
         raise UserError(f"{arg}: no such job file; pass an existing JOB.toml or a RUN_DIR")
-    try:
-        from supervisor import config  # lazy: TOML parsing is only needed for job files
-    except ModuleNotFoundError as e:
-        if e.name != "supervisor.config":
-            raise
-        raise UserError(
-            f"{arg}: this trainsup cannot read job files yet (supervisor.config is missing); "
-            "pass the RUN_DIR instead"
-        ) from None
-    try:
-        # The training script need not exist to look at a run's checkpoints.
-        return config.load_job(path, check_script=False)
-    except TypeError:  # a load_job without check_script
-        return config.load_job(path)
+    from supervisor import config  # lazy: TOML parsing is only needed for job files
+
+    # The training script need not exist to look at a run's checkpoints.
+    return config.load_job(path, check_script=False)
 
 
 def is_job_file(arg: str) -> bool:
@@ -46,14 +36,16 @@ def is_job_file(arg: str) -> bool:
     return _is_toml(path) and not path.is_dir()
 
 
-def resolve_run_dir(arg: str) -> Path:
+def resolve_run_dir(arg: str, *, not_yet_run_ok: bool = False) -> Path:
     """The run directory named by `arg`: a RUN_DIR, or a JOB.toml whose `run_dir` is used.
 
     Raises UserError (exit 2) when `arg` is a missing path, a file that is not a job file,
-    an unreadable directory, or a job file whose run dir does not exist yet.
+    an unreadable directory, or a job file whose run dir does not exist yet. With
+    `not_yet_run_ok` (`trainsup status`: "never run" is an answer) a job file's run dir
+    may not exist yet; the checkpoint commands have nothing to show for it and refuse.
     """
     try:
-        return _resolve_run_dir(arg)
+        return _resolve_run_dir(arg, not_yet_run_ok)
     except PermissionError as e:
         raise _denied(e, arg) from None
 
@@ -63,11 +55,13 @@ def _denied(e: PermissionError, default: object) -> UserError:
     return UserError(f"{where}: permission denied; run as its owner or fix its permissions (chmod u+rx)")
 
 
-def _resolve_run_dir(arg: str) -> Path:
+def _resolve_run_dir(arg: str, not_yet_run_ok: bool) -> Path:
     path = Path(arg).expanduser()
     if is_job_file(arg):
         run_dir = Path(load_job_file(arg).run_dir)
         if not run_dir.exists() and not run_dir.is_symlink():
+            if not_yet_run_ok:
+                return run_dir
             raise UserError(
                 f"{run_dir} (run_dir of {arg}) does not exist: the job has not run yet; "
                 f"start it with `trainsup run {arg}`"

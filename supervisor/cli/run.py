@@ -17,7 +17,9 @@ from typing import Any, TextIO
 import click
 
 from supervisor.config import JobConfig, load_job
+from supervisor.cli.common import resolve_run_dir
 from supervisor.errors import UserError
+from train_core.contract import outlast_stop_s, pid_alive
 
 SET_HELP = "Override a job.toml value, e.g. --set restart.max_restarts=5 (repeatable; the value is TOML)."
 
@@ -238,7 +240,6 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
     from supervisor.rundir import secure_run_dir
     from supervisor.runner import Runner, build_watchers
     from supervisor.systemd.sdnotify import SD_ENV_VARS, SdNotifier, SdNotifyReporter
-    from supervisor.systemd.service import STOP_MARGIN_S
 
     from train_core.runfiles import RunPaths
 
@@ -262,7 +263,7 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
         for name in SD_ENV_VARS:
             os.environ.pop(name, None)
         reporter = SdNotifyReporter(console, notifier,
-                                    stop_timeout_s=job.stop.grace_s + job.stop.kill_after_s + STOP_MARGIN_S)
+                                    stop_timeout_s=outlast_stop_s(job.stop.grace_s, job.stop.kill_after_s))
         watchers = build_watchers(job)
         subreaper = launch.set_child_subreaper()
         runner = Runner(job, watchers=watchers, reporter=reporter, subreaper=subreaper)
@@ -322,27 +323,6 @@ def describe_job(job: JobConfig) -> str:
 # --------------------------------------------------------------------------- status
 
 
-def resolve_run_dir(target: Path) -> Path:
-    """RUN_DIR or a job file -> the run dir."""
-    if target.is_dir():
-        return target
-    if target.is_file():
-        return load_job(target, check_script=False).run_dir
-    raise UserError(f"{target}: no such run dir or job file; pass a run dir (runs/NAME) or a job.toml")
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def collect_status(run_dir: Path) -> dict[str, Any]:
     from supervisor.events import read_events
     from train_core.runfiles import RunPaths, read_json
@@ -351,7 +331,7 @@ def collect_status(run_dir: Path) -> dict[str, Any]:
     paths = RunPaths(run_dir)
     sup = read_json(paths.supervisor) or {}
     hb = read_json(paths.status) or {}
-    running = sup.get("state") not in (None, "exited", "fatal") and _pid_alive(sup.get("pid"))
+    running = sup.get("state") not in (None, "exited", "fatal") and pid_alive(sup.get("pid"))
     latest = CheckpointStore(paths.checkpoints).latest_valid()
     events = read_events(paths.events, last=1)
     now = time.time()
@@ -391,7 +371,7 @@ def status_cmd(target: Path, as_json: bool) -> None:
       trainsup status runs/gpt-tiny
       trainsup status job.toml --json
     """
-    st = collect_status(resolve_run_dir(target))
+    st = collect_status(resolve_run_dir(str(target), not_yet_run_ok=True))
     if as_json:
         click.echo(json.dumps(st, indent=1, sort_keys=True))
         return

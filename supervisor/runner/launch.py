@@ -39,6 +39,7 @@ import psutil
 from supervisor import rundir
 from supervisor.config import JobConfig
 from train_core import runfiles
+from train_core.contract import outlast_stop_s, pid_alive, stop_window_s
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
     env[runfiles.ENV_ATTEMPT] = str(attempt)
     env.setdefault(runfiles.ENV_SAVE_SIGNAL, "SIGUSR1")
     env[runfiles.ENV_SUPERVISOR_PID] = str(supervisor_pid)
-    env[runfiles.ENV_STOP_WINDOW_S] = str(job.stop.grace_s + job.stop.kill_after_s)
+    env[runfiles.ENV_STOP_WINDOW_S] = str(stop_window_s(job.stop.grace_s, job.stop.kill_after_s))
     if job.group_shared:
         env[runfiles.ENV_GROUP_SHARED] = "1"
     else:
@@ -133,7 +134,7 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
         env.pop(runfiles.ENV_RESUME_FROM, None)
     # The elastic agent SIGKILLs ranks this long after forwarding SIGTERM: keep it above
     # our own grace + kill window so it never cuts a save short that we would have allowed.
-    shutdown_s = str(int(job.stop.grace_s + job.stop.kill_after_s + 30))
+    shutdown_s = str(int(outlast_stop_s(job.stop.grace_s, job.stop.kill_after_s)))
     env["PET_SHUTDOWN_TIMEOUT"] = shutdown_s
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = shutdown_s
 
@@ -269,14 +270,7 @@ def descendants() -> list[psutil.Process]:
         procs = psutil.Process().children(recursive=True)
     except psutil.Error:
         return []
-    return [p for p in procs if _alive(p)]
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    return [p for p in procs if pid_alive(p.pid)]
 
 
 def descendant_start_time(pid: int) -> float | None:

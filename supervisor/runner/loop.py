@@ -35,13 +35,14 @@ from supervisor import rundir
 from supervisor.watch import registry as extensions
 from supervisor.runner import launch as L
 from supervisor.config import JobConfig, save_signal_of
-from supervisor.errors import EXIT_GAVE_UP, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, LockedError
+from supervisor.errors import LockedError
+from train_core.contract import EXIT_GAVE_UP, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, outlast_stop_s
 from supervisor.events import EventLog, read_events
 from supervisor.runner.states import ALLOWED, State, TransitionError
 from supervisor.watch.thermal import GpuConfig, next_batch_shape, oom_give_up_reason
+from train_core.contract import ExitKind
 from supervisor.runner.policy import (
     AttemptResult,
-    ExitKind,
     LauncherStatus,
     RestartState,
     Verdict,
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 LOCK_PID_SUFFIX = ".pid"
-OLD_RANKS_MARGIN_S = 10.0  # waiting for an earlier run's ranks: their stop window plus this
 
 
 class Reporter(Protocol):
@@ -252,8 +252,8 @@ class Runner:
             d.mkdir(parents=True, exist_ok=True, mode=0o770 if self.job.group_shared else 0o700)
         self.events = EventLog(self.paths.events)
         # Ranks of an earlier supervisor (SIGKILLed) may still be saving: never two sets at once.
-        waited_s = rundir.wait_for_old_ranks(self.paths, self.job.stop.grace_s + self.job.stop.kill_after_s
-                                             + OLD_RANKS_MARGIN_S)
+        waited_s = rundir.wait_for_old_ranks(self.paths, outlast_stop_s(self.job.stop.grace_s,
+                                                                            self.job.stop.kill_after_s))
         if waited_s:
             log.info("the earlier run's ranks are gone after %.1f s; starting", waited_s)
         for p in self.store.remove_stale_tmp():

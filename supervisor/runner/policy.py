@@ -11,20 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 from supervisor.config import RestartConfig
-
-
-class ExitKind(enum.Enum):
-    FINISHED = "finished"  # every rank reported "finished" (or the launcher exited 0 without reports)
-    SAVED = "saved"  # ranks saved on request and exited 75
-    OOM = "oom"
-    RESUME_FAILED = "resume_failed"  # the resume checkpoint could not be loaded: fall back to an older one
-    ERROR = "error"  # an exception in a rank, or a non-zero exit without a report
-    KILLED = "killed"  # the launcher or a rank died from a signal without saying why
-    HUNG = "hung"  # no heartbeat for hang_timeout_s; the supervisor killed it
-    BAD_INPUT = "bad_input"  # the script rejected its input (train_core.runfiles.report_bad_input)
-
-
-FAILURES = frozenset({ExitKind.OOM, ExitKind.RESUME_FAILED, ExitKind.ERROR, ExitKind.KILLED, ExitKind.HUNG})
+from train_core.contract import EXIT_SAVED, ExitKind
 
 
 @dataclass(frozen=True)
@@ -102,7 +89,7 @@ def classify_exit(
     if complete and set(by_kind) == {"finished"}:
         return Classification(ExitKind.FINISHED, "every rank finished")
     if complete and by_kind and set(by_kind) <= {"finished", "saved"}:
-        return Classification(ExitKind.SAVED, "ranks saved a checkpoint and exited 75")
+        return Classification(ExitKind.SAVED, f"ranks saved a checkpoint and exited {EXIT_SAVED}")
     # Reports missing: fall back on the launcher (and on who killed it).
     unknown = sorted(k for k in by_kind if k not in ("finished", "saved"))
     if unknown:
@@ -115,7 +102,7 @@ def classify_exit(
                                                f"({len(reports)}/{expected_ranks} ranks reported)")
     if launcher.code == 0 and not reports:
         return Classification(ExitKind.FINISHED, "launcher exited 0 (no exit reports: script does not use train_core)")
-    if launcher.code == 75 and not reports:
+    if launcher.code == EXIT_SAVED and not reports:
         return Classification(ExitKind.SAVED, "launcher exited 75 (no exit reports)")
     if launcher.code is not None and launcher.code < 0:
         return Classification(ExitKind.KILLED, f"a rank was killed (launcher {launcher.describe()}, "
@@ -216,5 +203,5 @@ def choose_resume(checkpoints: Iterable[tuple[int, bool]], excluded: Iterable[in
 def exit_code_for_stop(checkpoint_committed: bool, signum: int | None) -> int:
     """`trainsup run` exit code after a stop the user asked for."""
     if checkpoint_committed:
-        return 75
+        return EXIT_SAVED
     return 128 + signum if signum else 1

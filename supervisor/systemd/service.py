@@ -30,10 +30,10 @@ from typing import Callable, Mapping, Sequence
 import click
 
 from supervisor.errors import UserError
+from train_core.contract import STOP_MARGIN_S, outlast_stop_s
 
 TEMPLATE_NAME = "trainsup@.service"
 DROPIN_NAME = "job.conf"
-STOP_MARGIN_S = 20.0  # TimeoutStopSec = grace_s + kill_after_s + this
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # A unit file is one setting per line: a newline in a value would start a directive of its own.
@@ -271,7 +271,7 @@ def plan_service(job_path: str | os.PathLike, *, name: str | None = None, unit_d
         if not (exe.is_file() and os.access(exe, os.X_OK)):
             raise UserError(f"--trainsup {exe}: not an executable file; pass the path of the trainsup command")
     stop = cfg.stop
-    timeout_s = stop.grace_s + stop.kill_after_s + STOP_MARGIN_S
+    timeout_s = outlast_stop_s(stop.grace_s, stop.kill_after_s)
     note = (f"[stop] grace_s {stop.grace_s:g} + kill_after_s {stop.kill_after_s:g} "
             f"+ {STOP_MARGIN_S:g} s margin")
     dropin_text = render_dropin(job, exe, stop_timeout_s=timeout_s, env=dict(env or {}), grace_note=note,
