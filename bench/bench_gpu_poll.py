@@ -32,7 +32,9 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from supervisor.watch.gpu import FakeGpuBackend, FakeScript, GpuUnavailable, GpuWatcher, NvmlBackend  # noqa: E402
+from supervisor.watch.fake_gpu import FakeGpuBackend, FakeScript  # noqa: E402
+from supervisor.watch.gpu import GpuWatcher  # noqa: E402
+from supervisor.watch.nvml import GpuUnavailable, NvmlBackend  # noqa: E402
 from supervisor.watch.thermal import GpuConfig  # noqa: E402
 
 GIB = 2**30

@@ -12,16 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from supervisor.watch.gpu import (
-    FakeGpuBackend,
-    FakeScript,
-    GpuUnavailable,
-    GpuWatcher,
-    NvmlBackend,
-    build_gpu_watcher,
-    load_fake_script,
-    visible_nvml_indices,
-)
+from supervisor.watch.fake_gpu import FakeGpuBackend, FakeScript, load_fake_script
+from supervisor.watch.gpu import GpuWatcher, build_gpu_watcher, visible_nvml_indices
+from supervisor.watch.nvml import GpuUnavailable, NvmlBackend
 from supervisor.watch.thermal import ConfigError, GpuConfig, GpuReading
 from supervisor.watch import Action
 
