@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import enum
 import math
-from dataclasses import InitVar, dataclass, fields
+from dataclasses import InitVar, dataclass, fields, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 from supervisor.watch import Action, Decision
@@ -359,29 +359,40 @@ def evaluate(
     cfg: GpuConfig, state: WatchState, readings: Sequence[GpuReading], now: float
 ) -> tuple[WatchState, list[Decision]]:
     """Apply all GPU policies to one set of readings (one per GPU the job uses)."""
-    decisions: list[Decision] = []
+    state, thermal = _thermal_policy(cfg, state, readings, now)
+    warned, vram = _vram_policy(cfg, state.vram_warned, readings)
+    throttle, throttled = _throttle_policy(cfg, state.throttle, readings, now)
+    return replace(state, vram_warned=warned, throttle=throttle), thermal + vram + throttled
 
-    # Thermal: the hottest GPU decides (one hot rank stalls all of them anyway).
+
+def _thermal_policy(
+    cfg: GpuConfig, state: WatchState, readings: Sequence[GpuReading], now: float
+) -> tuple[WatchState, list[Decision]]:
+    """The hottest GPU decides (one hot rank stalls all of them anyway)."""
     temps = [(r.temp_c, r.index) for r in readings if r.temp_c is not None]
     hot_c, hot_gpu = max(temps) if temps else (None, None)
     step = thermal_step(cfg, state.phase, hot_c)
-    phase, since, phase_temp, phase_gpu = state.phase, state.phase_since_s, state.phase_temp_c, state.phase_gpu
-    if step.action is not None:
-        assert hot_c is not None
-        event = _THERMAL_EVENTS[(step.phase, step.action)]
-        details = {"gpu": hot_gpu, "temp_c": hot_c, "pause_c": cfg.pause_c, "resume_c": cfg.resume_c, "stop_c": cfg.stop_c}
-        decisions.append(Decision(step.action, event, _thermal_reason(cfg, event, hot_gpu, hot_c, state, now), details))
-        phase, since, phase_temp, phase_gpu = step.phase, now, hot_c, hot_gpu
+    if step.action is None:
+        return state, []
+    assert hot_c is not None
+    event = _THERMAL_EVENTS[(step.phase, step.action)]
+    details = {"gpu": hot_gpu, "temp_c": hot_c, "pause_c": cfg.pause_c, "resume_c": cfg.resume_c, "stop_c": cfg.stop_c}
+    decision = Decision(step.action, event, _thermal_reason(cfg, event, hot_gpu, hot_c, state, now), details)
+    return replace(state, phase=step.phase, phase_since_s=now, phase_temp_c=hot_c, phase_gpu=hot_gpu), [decision]
 
-    # VRAM: one warning per GPU per episode.
-    warned = set(state.vram_warned)
+
+def _vram_policy(
+    cfg: GpuConfig, warned: frozenset[int], readings: Sequence[GpuReading]
+) -> tuple[frozenset[int], list[Decision]]:
+    """One warning per GPU per episode of VRAM use above vram_warn_fraction."""
+    now_warned = set(warned)
+    decisions: list[Decision] = []
     for r in readings:
-        was = r.index in warned
-        now_warned, fire = vram_warning_step(cfg, was, r.vram_fraction)
-        if now_warned:
-            warned.add(r.index)
+        still, fire = vram_warning_step(cfg, r.index in now_warned, r.vram_fraction)
+        if still:
+            now_warned.add(r.index)
         else:
-            warned.discard(r.index)
+            now_warned.discard(r.index)
         if fire:
             frac = r.vram_fraction
             assert frac is not None
@@ -394,32 +405,40 @@ def evaluate(
                 {"gpu": r.index, "vram_used_bytes": r.vram_used_bytes,
                  "vram_total_bytes": r.vram_total_bytes, "vram_warn_fraction": cfg.vram_warn_fraction},
             ))
+    return frozenset(now_warned), decisions
 
-    # Throttling: one note per GPU when new noticed reasons appear.
+
+def _throttle_policy(
+    cfg: GpuConfig, open_episodes: tuple[tuple[int, str, float], ...], readings: Sequence[GpuReading], now: float
+) -> tuple[tuple[tuple[int, str, float], ...], list[Decision]]:
+    """One note per GPU when noticed throttle reasons appear; -> (open episodes, decisions)."""
     by_gpu: dict[int, dict[str, float]] = {}
-    for gpu, reason, last in state.throttle:
+    for gpu, reason, last in open_episodes:
         by_gpu.setdefault(gpu, {})[reason] = last
-    seen = {r.index for r in readings}
-    new_throttle: list[tuple[int, str, float]] = []
+    episodes: list[tuple[int, str, float]] = []
+    decisions: list[Decision] = []
     for r in readings:
-        episodes, started = throttle_step(cfg, by_gpu.get(r.index, {}), r.throttle, now)
-        new_throttle += [(r.index, reason, last) for reason, last in episodes.items()]
+        gpu_episodes, started = throttle_step(cfg, by_gpu.get(r.index, {}), r.throttle, now)
+        episodes += [(r.index, reason, last) for reason, last in gpu_episodes.items()]
         if started:
-            decisions.append(Decision(
-                Action.NOTE,
-                "gpu_throttle",
-                f"GPU {r.index} clocks are held back by {', '.join(started)}"
-                + (f" at {_num(r.temp_c)} C" if r.temp_c is not None else "")
-                + (f", {r.power_w:.0f} W of {r.power_limit_w:.0f} W" if r.power_w is not None and r.power_limit_w else "")
-                + ": training slows down",
-                {"gpu": r.index, "reasons": started, "all_reasons": list(r.throttle),
-                 "temp_c": r.temp_c, "power_w": r.power_w, "power_limit_w": r.power_limit_w},
-            ))
+            decisions.append(_throttle_note(r, started))
     # A GPU missing from this read keeps its episodes (no reading is not "not throttled").
-    new_throttle += [(g, reason, last) for g, eps in by_gpu.items() if g not in seen for reason, last in eps.items()]
+    seen = {r.index for r in readings}
+    episodes += [(g, reason, last) for g, eps in by_gpu.items() if g not in seen for reason, last in eps.items()]
+    return tuple(sorted(episodes)), decisions
 
-    new_state = WatchState(phase, since, phase_temp, phase_gpu, frozenset(warned), tuple(sorted(new_throttle)))
-    return new_state, decisions
+
+def _throttle_note(r: GpuReading, started: list[str]) -> Decision:
+    return Decision(
+        Action.NOTE,
+        "gpu_throttle",
+        f"GPU {r.index} clocks are held back by {', '.join(started)}"
+        + (f" at {_num(r.temp_c)} C" if r.temp_c is not None else "")
+        + (f", {r.power_w:.0f} W of {r.power_limit_w:.0f} W" if r.power_w is not None and r.power_limit_w else "")
+        + ": training slows down",
+        {"gpu": r.index, "reasons": started, "all_reasons": list(r.throttle),
+         "temp_c": r.temp_c, "power_w": r.power_w, "power_limit_w": r.power_limit_w},
+    )
 
 
 def _thermal_reason(cfg: GpuConfig, event: str, gpu: int | None, temp_c: float, state: WatchState, now: float) -> str:
