@@ -285,7 +285,7 @@ class LogindWatcher:
                 event = "resumed_from_sleep" if kind == "sleep" else "shutdown_cancelled"
                 what = "the system woke up" if kind == "sleep" else "the shutdown was cancelled"
                 self._queue(Decision(Action.NOTE, event,
-                                             f"{what}: inhibitor lock taken again; training may continue"))
+                                     f"{what}: inhibitor lock taken again; training may continue"))
 
     def _queue(self, d: Decision) -> None:
         self._decisions.put(d)
@@ -318,17 +318,14 @@ class LogindWatcher:
         if first:
             log.warning("logind: %s; the run continues without sleep/shutdown protection", reason)
             self._queue(Decision(Action.NOTE, "logind_unavailable",
-                                         f"{reason}: sleep/shutdown will not wait for a checkpoint"))
+                                 f"{reason}: sleep/shutdown will not wait for a checkpoint"))
             self._kick()
 
     # ------------------------------------------------------------------ D-Bus thread
 
     def _run(self) -> None:
         try:
-            from jeepney import DBusAddress, MatchRule, MessageType, Properties, new_method_call
-            from jeepney.bus_messages import message_bus
-            from jeepney.io.blocking import Proxy, open_dbus_connection
-            from jeepney.wrappers import DBusErrorResponse, unwrap_msg
+            from jeepney.io.blocking import open_dbus_connection
         except ImportError as e:  # pragma: no cover - jeepney is a dependency
             self._set_unavailable(f"jeepney is not installed ({e})")
             self._ready.set()
@@ -342,92 +339,7 @@ class LogindWatcher:
             except Exception as e:  # noqa: BLE001 - any failure means "no bus"
                 self._set_unavailable(f"no D-Bus system bus at {self.bus_address} ({type(e).__name__}: {e})")
                 return
-            t = self.connect_timeout_s
-            bus = Proxy(message_bus, conn, timeout=t)
-            try:
-                (owner,) = bus.GetNameOwner(LOGIN1_NAME)
-            except DBusErrorResponse as e:
-                self._set_unavailable(f"logind ({LOGIN1_NAME}) is not on the system bus ({e.name})")
-                return
-            self.login1_owner = owner
-            rule = MatchRule(type="signal", sender=owner, interface=LOGIN1_MANAGER, path=LOGIN1_PATH)
-            bus.AddMatch(rule)
-            signals: deque = deque()
-            # Every message from login1, also those that arrive while we wait for a reply.
-            filt = conn.filter(rule, queue=signals)
-            manager = DBusAddress(LOGIN1_PATH, bus_name=LOGIN1_NAME, interface=LOGIN1_MANAGER)
-
-            try:
-                reply = conn.send_and_get_reply(Properties(manager).get("InhibitDelayMaxUSec"), timeout=t)
-                (_sig, usec), = unwrap_msg(reply)
-                delay_s = int(usec) / 1e6
-            except (DBusErrorResponse, ValueError, TypeError) as e:
-                log.warning("logind: could not read InhibitDelayMaxUSec (%s); assuming %.0f s",
-                            e, DEFAULT_DELAY_MAX_S)
-                delay_s = DEFAULT_DELAY_MAX_S
-
-            def take_lock() -> None:
-                msg = new_method_call(manager, "Inhibit", "ssss",
-                                      (self.config.what, "trainsup", self.why, "delay"))
-                try:
-                    (fd,) = unwrap_msg(conn.send_and_get_reply(msg, timeout=t))
-                except DBusErrorResponse as e:
-                    with self._mu:
-                        self._lock_error = f"{e.name}: {e.data}"
-                    log.warning("logind: could not take a %s delay lock (%s); a sleep or shutdown "
-                                "will still ask for a checkpoint but will not wait for it",
-                                self.config.what, e.name)
-                    return
-                raw = fd.to_raw_fd()
-                with self._mu:
-                    self._close_fd_locked()
-                    self._lock_fd = raw
-                    self._lock_error = None
-                log.debug("logind: %s delay lock taken (fd %d)", self.config.what, raw)
-
-            with self._mu:
-                self.delay_max_s = delay_s
-                self.available = True
-            take_lock()
-            log.info("logind: connected (login1 is %s); InhibitDelayMaxSec = %.1f s, budget %.1f s",
-                     owner, delay_s, self.budget_s)
-            self._ready.set()
-
-            dir_stamp = None
-            with filt:
-                while not self._stop.is_set():
-                    with self._mu:
-                        deadline = self._deadline if (self._pending and not self._released) else None
-                        retake = self._retake
-                        self._retake = False
-                    if retake:
-                        take_lock()
-                    wait = 0.25
-                    if deadline is not None:
-                        wait = max(0.0, min(wait, deadline - self.clock()))
-                        if self.checkpoint_dir is not None:
-                            # A commit renames a dir into checkpoint_dir: its mtime changes.
-                            stamp = _dir_stamp(self.checkpoint_dir)
-                            if dir_stamp is not None and stamp != dir_stamp:
-                                self._kick()
-                            dir_stamp = stamp
-                            wait = min(wait, COMMIT_POLL_S)
-                    else:
-                        dir_stamp = None
-                    try:
-                        conn.recv_messages(timeout=wait)
-                    except TimeoutError:
-                        pass
-                    while signals:
-                        msg = signals.popleft()
-                        if msg.header.message_type is not MessageType.signal:
-                            continue
-                        member = _member(msg)
-                        if member in ("PrepareForSleep", "PrepareForShutdown") and msg.body:
-                            self._on_prepare("sleep" if member == "PrepareForSleep" else "shutdown",
-                                             bool(msg.body[0]))
-                            self._kick()
-                    self._check_deadline()
+            self._watch_login1(conn)
         except (ConnectionError, OSError, TimeoutError) as e:
             if not self._stop.is_set():
                 self._set_unavailable(f"lost the D-Bus system bus ({type(e).__name__}: {e})")
@@ -441,6 +353,117 @@ class LogindWatcher:
                     conn.close()
                 except OSError:
                     pass
+
+    def _watch_login1(self, conn: Any) -> None:
+        """Subscribe to login1's signals, take the delay lock, then serve until close()."""
+        from jeepney import DBusAddress, MatchRule
+        from jeepney.bus_messages import message_bus
+        from jeepney.io.blocking import Proxy
+        from jeepney.wrappers import DBusErrorResponse
+
+        bus = Proxy(message_bus, conn, timeout=self.connect_timeout_s)
+        try:
+            (owner,) = bus.GetNameOwner(LOGIN1_NAME)
+        except DBusErrorResponse as e:
+            self._set_unavailable(f"logind ({LOGIN1_NAME}) is not on the system bus ({e.name})")
+            return
+        self.login1_owner = owner
+        rule = MatchRule(type="signal", sender=owner, interface=LOGIN1_MANAGER, path=LOGIN1_PATH)
+        bus.AddMatch(rule)
+        signals: deque = deque()
+        # Every message from login1, also those that arrive while we wait for a reply.
+        with conn.filter(rule, queue=signals):
+            manager = DBusAddress(LOGIN1_PATH, bus_name=LOGIN1_NAME, interface=LOGIN1_MANAGER)
+            delay_s = self._read_delay_max(conn, manager)
+            with self._mu:
+                self.delay_max_s = delay_s
+                self.available = True
+            self._take_lock(conn, manager)
+            log.info("logind: connected (login1 is %s); InhibitDelayMaxSec = %.1f s, budget %.1f s",
+                     owner, delay_s, self.budget_s)
+            self._ready.set()
+            self._serve(conn, manager, signals)
+
+    def _read_delay_max(self, conn: Any, manager: Any) -> float:
+        """logind's InhibitDelayMaxUSec in seconds (DEFAULT_DELAY_MAX_S when it cannot be read)."""
+        from jeepney import Properties
+        from jeepney.wrappers import DBusErrorResponse, unwrap_msg
+
+        try:
+            reply = conn.send_and_get_reply(Properties(manager).get("InhibitDelayMaxUSec"),
+                                            timeout=self.connect_timeout_s)
+            (_sig, usec), = unwrap_msg(reply)
+            return int(usec) / 1e6
+        except (DBusErrorResponse, ValueError, TypeError) as e:
+            log.warning("logind: could not read InhibitDelayMaxUSec (%s); assuming %.0f s", e, DEFAULT_DELAY_MAX_S)
+            return DEFAULT_DELAY_MAX_S
+
+    def _take_lock(self, conn: Any, manager: Any) -> None:
+        """Inhibit(what, "delay"): the fd replaces any lock held; a refusal is remembered in _lock_error."""
+        from jeepney import new_method_call
+        from jeepney.wrappers import DBusErrorResponse, unwrap_msg
+
+        msg = new_method_call(manager, "Inhibit", "ssss", (self.config.what, "trainsup", self.why, "delay"))
+        try:
+            (fd,) = unwrap_msg(conn.send_and_get_reply(msg, timeout=self.connect_timeout_s))
+        except DBusErrorResponse as e:
+            with self._mu:
+                self._lock_error = f"{e.name}: {e.data}"
+            log.warning("logind: could not take a %s delay lock (%s); a sleep or shutdown "
+                        "will still ask for a checkpoint but will not wait for it", self.config.what, e.name)
+            return
+        raw = fd.to_raw_fd()
+        with self._mu:
+            self._close_fd_locked()
+            self._lock_fd = raw
+            self._lock_error = None
+        log.debug("logind: %s delay lock taken (fd %d)", self.config.what, raw)
+
+    def _serve(self, conn: Any, manager: Any, signals: deque) -> None:
+        """The thread's loop until close(): take the lock again after a resume, wait for D-Bus
+        (briefly, watching checkpoint_dir, while a request waits for its commit), handle
+        login1's signals, release the lock when the delay budget runs out."""
+        dir_stamp = None
+        while not self._stop.is_set():
+            with self._mu:
+                deadline = self._deadline if (self._pending and not self._released) else None
+                retake, self._retake = self._retake, False
+            if retake:
+                self._take_lock(conn, manager)
+            wait, dir_stamp = self._next_wait(deadline, dir_stamp)
+            try:
+                conn.recv_messages(timeout=wait)
+            except TimeoutError:
+                pass
+            self._dispatch(signals)
+            self._check_deadline()
+
+    def _next_wait(self, deadline: float | None, dir_stamp: Any) -> tuple[float, Any]:
+        """-> (seconds to wait for D-Bus, checkpoint_dir stamp). While a request waits for its
+        commit, one look at checkpoint_dir: a change since the last look runs `wakeup`."""
+        if deadline is None:
+            return 0.25, None
+        wait = max(0.0, min(0.25, deadline - self.clock()))
+        if self.checkpoint_dir is None:
+            return wait, dir_stamp
+        # A commit renames a dir into checkpoint_dir: its mtime changes.
+        stamp = _dir_stamp(self.checkpoint_dir)
+        if dir_stamp is not None and stamp != dir_stamp:
+            self._kick()
+        return min(wait, COMMIT_POLL_S), stamp
+
+    def _dispatch(self, signals: deque) -> None:
+        """PrepareForSleep / PrepareForShutdown from login1 (the filter let only its messages in)."""
+        from jeepney import MessageType
+
+        while signals:
+            msg = signals.popleft()
+            if msg.header.message_type is not MessageType.signal:
+                continue
+            member = _member(msg)
+            if member in ("PrepareForSleep", "PrepareForShutdown") and msg.body:
+                self._on_prepare("sleep" if member == "PrepareForSleep" else "shutdown", bool(msg.body[0]))
+                self._kick()
 
 
 def _dir_stamp(path: str) -> tuple[int, int] | None:
