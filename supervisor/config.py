@@ -11,10 +11,10 @@ so a job runs the same from any working directory.
 (`--set restart.max_restarts=5`, `--set 'train.args=["--lr", "3e-4"]'`); when it does not
 parse as TOML it is taken as a plain string (`--set train.script=other.py`).
 
-Sections other than the ones below are parsed by `SECTION_PARSERS` (name -> callable
-taking the section's dict and returning a frozen config, raising ValueError with a
-message naming the key). supervisor.watch.registry registers [gpu], [power], [logind]; their results are
-in `JobConfig.sections[name]` (the parser is called with {} when the section is absent).
+Sections other than the ones below are parsed by `SECTION_PARSERS` (name -> callable taking
+the section's dict and returning a frozen config; it reads the dict through `Section`, so its
+errors are JobConfigErrors like the rest). supervisor.watch.registry registers [gpu], [power],
+[logind]; their results are in `JobConfig.sections[name]` (the parser gets {} for an absent section).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NoReturn
 
 from supervisor.watch import registry as extensions
 from supervisor.errors import UserError
@@ -40,7 +40,6 @@ class JobConfigError(UserError):
     """A bad job.toml or --set override: one line naming the key path and the fix (exit 2)."""
 
 
-# name -> parser(section: dict) -> frozen config object: [gpu], [power], [logind] (supervisor.watch.registry).
 SECTION_PARSERS: dict[str, Callable[[Mapping[str, Any]], Any]] = dict(extensions.SECTIONS)
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
@@ -54,6 +53,7 @@ LAUNCHERS = ("accelerate", "python")
 # (SIGCHLD when a DataLoader worker exits, SIGSEGV on a crash, SIGALRM for timers, ...).
 SAVE_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "SIGTERM")
 _RUN_DIR_FIX = "use a dedicated directory such as runs/NAME"
+_RUN_DIR_WHY = f"a run dir is made private (mode 0700) and pruned: {_RUN_DIR_FIX}"
 
 
 # --------------------------------------------------------------------------- sections
@@ -172,18 +172,15 @@ def _check_run_dir(run_dir: Path, where: str) -> None:
         raise JobConfigError(f"{where} {str(run_dir)!r} contains a NUL byte; {_RUN_DIR_FIX}")
     real = run_dir.resolve()
     if real == Path(real.anchor):
-        raise JobConfigError(f"{where} {run_dir} is the root directory; a run dir is made private (mode 0700) "
-                             f"and pruned: {_RUN_DIR_FIX}")
+        raise JobConfigError(f"{where} {run_dir} is the root directory; {_RUN_DIR_WHY}")
     try:
         home = Path.home().resolve()
     except (RuntimeError, KeyError, OSError):  # no HOME and no passwd entry
         home = None
     if home is not None and real == home:
-        raise JobConfigError(f"{where} {run_dir} is your home directory; a run dir is made private (mode 0700) "
-                             f"and pruned: {_RUN_DIR_FIX}")
+        raise JobConfigError(f"{where} {run_dir} is your home directory; {_RUN_DIR_WHY}")
     if home is not None and real in home.parents:
-        raise JobConfigError(f"{where} {run_dir} contains your home directory {home}; a run dir is made private "
-                             f"(mode 0700) and pruned: {_RUN_DIR_FIX}")
+        raise JobConfigError(f"{where} {run_dir} contains your home directory {home}; {_RUN_DIR_WHY}")
     # The run dir, or the first part of it that exists, must be a directory (mkdir fails under a file).
     for p in (run_dir, *run_dir.parents):
         if p.exists() or p.is_symlink():
@@ -209,18 +206,20 @@ def _type_name(v: Any) -> str:
             list: "an array", dict: "a table"}.get(type(v), type(v).__name__)
 
 
-class _Table:
-    """Typed reads of one TOML table; `done()` rejects the keys nobody asked for."""
+class Section:
+    """Typed reads of one job.toml table, with range checks; `done()` rejects the keys nobody
+    asked for. Every section is read through it, the watchers' [gpu], [power], [logind] too:
+    every problem is a JobConfigError `[section] key` + what was wrong + the fix."""
 
-    def __init__(self, where: str, data: Any, base_dir: Path) -> None:
-        self.where = where  # "[restart]" or "top level"
-        if not isinstance(data, dict):
+    def __init__(self, where: str, data: Any, base_dir: Path | None = None) -> None:
+        self.where = where  # "[restart]", or "" for the top level
+        if not isinstance(data, Mapping):
             self.fail(f"must be a table ([{where.strip('[]')}] header), got {_type_name(data)}", key=None)
         self.data = data
-        self.base_dir = base_dir
+        self.base_dir = base_dir  # where a relative path() starts (None: the working directory)
         self.seen: set[str] = set()
 
-    def fail(self, msg: str, key: str | None) -> None:
+    def fail(self, msg: str, key: str | None) -> NoReturn:
         path = " ".join(p for p in (self.where, key) if p)
         raise JobConfigError(f"{path} {msg}" if path else msg)
 
@@ -242,8 +241,10 @@ class _Table:
         v = self._get(key)
         if v is _MISSING:
             return default
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
             self.fail(f"must be a number{hint}, got {_type_name(v)} {v!r}", key)
+        if not math.isfinite(v):
+            self.fail(f"must be a finite number{hint}, got {v!r}", key)
         if low_open and low is not None and v <= low:
             self.fail(f"must be > {low}{hint}, got {v!r}", key)
         self._range(key, v, None if low_open else low, high, hint)
@@ -263,40 +264,44 @@ class _Table:
             self.fail(f"must be true or false, got {_type_name(v)} {v!r}", key)
         return v
 
-    def str(self, key: str, default: Any, *, choices: tuple[str, ...] | None = None) -> Any:
+    def str(self, key: str, default: Any, *, choices: tuple[str, ...] | None = None, nonempty: bool = False,
+            hint: str = "") -> Any:
         v = self._get(key)
         if v is _MISSING:
             return default
+        opts = ", ".join(f'"{c}"' for c in choices or ())
         if not isinstance(v, str):
-            self.fail(f"must be a string, got {_type_name(v)} {v!r}", key)
+            self.fail(f"must be {f'one of {opts}' if choices else 'a string'}{hint}, got {_type_name(v)} {v!r}", key)
+        if nonempty and not v:
+            self.fail(f"must not be empty{hint}", key)
         if choices is not None and v not in choices:
-            opts = ", ".join(f'"{c}"' for c in choices)
-            self.fail(f"must be one of {opts}, got {v!r}{_did_you_mean(v, choices)}", key)
+            self.fail(f"must be one of {opts}{hint}, got {v!r}{_did_you_mean(v, choices)}", key)
         return v
 
-    def str_list(self, key: str) -> tuple[str, ...]:
+    def str_list(self, key: str, default: tuple[str, ...] = (), *, choices: Iterable[str] | None = None,
+                 example: str = '["--lr", "3e-4"]') -> tuple[str, ...]:
         v = self._get(key)
         if v is _MISSING:
-            return ()
+            return default
         if isinstance(v, str):
-            self.fail(f'must be an array of strings such as ["--lr", "3e-4"], got the string {v!r}', key)
+            self.fail(f"must be an array of strings such as {example}, got the string {v!r}", key)
         if not isinstance(v, list):
             self.fail(f"must be an array of strings, got {_type_name(v)} {v!r}", key)
-        out = []
+        known = sorted(choices) if choices is not None else None
         for i, item in enumerate(v):
             if isinstance(item, bool) or not isinstance(item, (str, int, float)):
                 self.fail(f"[{i}] must be a string (or number), got {_type_name(item)} {item!r}", key)
-            out.append(str(item))
-        return tuple(out)
+            if known is not None and str(item) not in known:
+                self.fail(f"has unknown entry {item!r}{_did_you_mean(str(item), known)}; known: {', '.join(known)}",
+                          key)
+        return tuple(str(item) for item in v)
 
     def path(self, key: str, default: Any) -> Any:
-        v = self.str(key, _MISSING)
+        v = self.str(key, _MISSING, nonempty=True)
         if v is _MISSING:
             return default
-        if not v:
-            self.fail("must not be empty", key)
         p = Path(os.path.expanduser(v))
-        return Path(os.path.normpath(p if p.is_absolute() else self.base_dir / p))
+        return Path(os.path.normpath(p if p.is_absolute() else (self.base_dir or Path.cwd()) / p))
 
     def table(self, key: str) -> dict[str, Any]:
         v = self._get(key)
@@ -305,6 +310,10 @@ class _Table:
         if not isinstance(v, dict):
             self.fail(f"must be a table such as {{ KEY = \"value\" }}, got {_type_name(v)} {v!r}", key)
         return v
+
+    def section(self, name: str) -> "Section":
+        """The table `name` of this one (a job file's [name] section), read the same way."""
+        return Section(f"[{name}]", self.table(name), self.base_dir)
 
     def done(self) -> None:
         for key in self.data:
@@ -378,27 +387,61 @@ def load_job(path: str | os.PathLike, overrides: Iterable[str] = (), *, run_dir:
 
 def parse_job(doc: Mapping[str, Any], *, base_dir: Path, job_file: Path | None = None,
               run_dir: str | os.PathLike | None = None, check_script: bool = True) -> JobConfig:
-    top = _Table("", dict(doc), base_dir)
+    top = Section("", dict(doc), base_dir)
     known_sections = ("train", "launch", "checkpoint", "retention", "restart", "stop", "watch", *SECTION_PARSERS)
     for key, value in doc.items():
         if isinstance(value, dict) and key not in known_sections:
             raise JobConfigError(f"unknown section [{key}]{_did_you_mean(key, known_sections)}; "
                                  f"known sections: {', '.join(f'[{s}]' for s in known_sections)}")
-
-    default_run_dir = base_dir / "runs" / (job_file.stem if job_file else "job")
-    resolved_run_dir = top.path("run_dir", default_run_dir)
-    if run_dir is not None:
-        resolved_run_dir = Path(os.path.normpath(Path(run_dir).expanduser().absolute()))
-        _check_run_dir(resolved_run_dir, "--run-dir")
-    else:
-        _check_run_dir(resolved_run_dir, "run_dir")
-
+    resolved_run_dir = _read_run_dir(top, base_dir / "runs" / (job_file.stem if job_file else "job"), run_dir)
     if "train" not in doc:
         if "script" in doc:
             raise JobConfigError("missing section [train]: script is at the top level; "
                                  "put it under a [train] header")
         raise JobConfigError("missing section [train]; add [train] with script = \"train.py\"")
-    t = _Table("[train]", top.table("train"), base_dir)
+    train = _read_train(top.section("train"), check_script)
+    launch = _read_launch(top.section("launch"))
+    c = top.section("checkpoint")
+    checkpoint = CheckpointConfig(
+        interval_steps=c.int("interval_steps", 0, low=0, hint=" (0: the script decides)"),
+        interval_s=c.float("interval_s", 0.0, low=0.0, hint=" (0 turns it off)"),
+    )
+    c.done()
+    retention = _read_retention(top.section("retention"))
+    restart = _read_restart(top.section("restart"))
+    s = top.section("stop")
+    stop = StopConfig(
+        grace_s=s.float("grace_s", StopConfig.grace_s, low=0.0, low_open=True, hint=" (time for ranks to save)"),
+        kill_after_s=s.float("kill_after_s", StopConfig.kill_after_s, low=0.0),
+    )
+    s.done()
+    w = top.section("watch")
+    watch = WatchConfig(
+        hang_timeout_s=w.float("hang_timeout_s", WatchConfig.hang_timeout_s, low=0.0, low_open=True),
+        startup_timeout_s=w.float("startup_timeout_s", WatchConfig.startup_timeout_s, low=0.0, low_open=True),
+        poll_interval_s=w.float("poll_interval_s", WatchConfig.poll_interval_s, low=0.01, high=10.0),
+    )
+    w.done()
+    sections = {name: parser(top.table(name)) for name, parser in SECTION_PARSERS.items()}
+    group_shared = top.bool("group_shared", False)
+    top.done()
+    return JobConfig(job_file=job_file, run_dir=resolved_run_dir, train=train, launch=launch,
+                     checkpoint=checkpoint, retention=retention, restart=restart, stop=stop, watch=watch,
+                     sections=MappingProxyType(sections), group_shared=group_shared)
+
+
+def _read_run_dir(top: Section, default: Path, run_dir: str | os.PathLike | None) -> Path:
+    """--run-dir, else the job's run_dir, else `default`; checked either way."""
+    from_job = Path(top.path("run_dir", default))
+    if run_dir is None:
+        _check_run_dir(from_job, "run_dir")
+        return from_job
+    chosen = Path(os.path.normpath(Path(run_dir).expanduser().absolute()))
+    _check_run_dir(chosen, "--run-dir")
+    return chosen
+
+
+def _read_train(t: Section, check_script: bool) -> TrainConfig:
     script = t.path("script", None)
     args = t.str_list("args")
     env = t.table("env")
@@ -406,7 +449,7 @@ def parse_job(doc: Mapping[str, Any], *, base_dir: Path, job_file: Path | None =
     if script is None:
         t.fail('is required: the training script to run, e.g. script = "train.py"', "script")
     if check_script and not script.is_file():
-        t.fail(f"file not found: {script} (relative paths start at the job file's directory {base_dir})", "script")
+        t.fail(f"file not found: {script} (relative paths start at the job file's directory {t.base_dir})", "script")
     env_str: dict[str, str] = {}
     for k, v in env.items():
         if isinstance(v, bool) or not isinstance(v, (str, int, float)):
@@ -414,98 +457,64 @@ def parse_job(doc: Mapping[str, Any], *, base_dir: Path, job_file: Path | None =
         env_str[k] = str(v)
     if ENV_SAVE_SIGNAL in env_str:  # launch passes the canonical name ("USR2" -> "SIGUSR2")
         env_str[ENV_SAVE_SIGNAL] = check_save_signal(env_str[ENV_SAVE_SIGNAL], f"[train] env.{ENV_SAVE_SIGNAL}").name
-    train = TrainConfig(script=script, args=args, env=MappingProxyType(env_str))
+    return TrainConfig(script=script, args=args, env=MappingProxyType(env_str))
 
-    l = _Table("[launch]", top.table("launch"), base_dir)
+
+def _read_launch(s: Section) -> LaunchConfig:
     launch = LaunchConfig(
-        launcher=l.str("launcher", "accelerate", choices=LAUNCHERS),
-        num_processes=l.int("num_processes", None, low=1, hint=" (ranks on this machine)"),
-        mixed_precision=l.str("mixed_precision", None, choices=MIXED_PRECISION),
-        cpu=l.bool("cpu", False),
-        num_machines=l.int("num_machines", 1, low=1),
-        machine_rank=l.int("machine_rank", 0, low=0),
-        main_process_ip=l.str("main_process_ip", None),
-        main_process_port=l.int("main_process_port", None, low=1, high=65535),
-        config_file=l.path("config_file", None),
-        extra_args=l.str_list("extra_args"),
+        launcher=s.str("launcher", "accelerate", choices=LAUNCHERS),
+        num_processes=s.int("num_processes", None, low=1, hint=" (ranks on this machine)"),
+        mixed_precision=s.str("mixed_precision", None, choices=MIXED_PRECISION),
+        cpu=s.bool("cpu", False),
+        num_machines=s.int("num_machines", 1, low=1),
+        machine_rank=s.int("machine_rank", 0, low=0),
+        main_process_ip=s.str("main_process_ip", None),
+        main_process_port=s.int("main_process_port", None, low=1, high=65535),
+        config_file=s.path("config_file", None),
+        extra_args=s.str_list("extra_args"),
     )
-    l.done()
+    s.done()
     if launch.machine_rank >= launch.num_machines:
-        raise JobConfigError(f"[launch] machine_rank must be < num_machines ({launch.num_machines}), "
-                             f"got {launch.machine_rank}")
+        s.fail(f"must be < num_machines ({launch.num_machines}), got {launch.machine_rank}", "machine_rank")
     if launch.config_file is not None and not launch.config_file.is_file():
         raise JobConfigError(f"[launch] config_file: file not found: {launch.config_file} "
                              "(write one with `accelerate config --config_file PATH`)")
     if launch.launcher == "python" and (launch.num_processes or 1) > 1:
-        raise JobConfigError('[launch] launcher = "python" runs one process; use launcher = "accelerate" '
-                             f"for num_processes = {launch.num_processes}")
+        s.fail(f'= "python" runs one process; use launcher = "accelerate" for num_processes = {launch.num_processes}',
+               "launcher")
+    return launch
 
-    c = _Table("[checkpoint]", top.table("checkpoint"), base_dir)
-    checkpoint = CheckpointConfig(
-        interval_steps=c.int("interval_steps", 0, low=0, hint=" (0: the script decides)"),
-        interval_s=c.float("interval_s", 0.0, low=0.0, hint=" (0 turns it off)"),
-    )
-    c.done()
 
-    r = _Table("[retention]", top.table("retention"), base_dir)
-    rdefaults = RetentionPolicy()
+def _read_retention(s: Section) -> RetentionPolicy:
+    d = RetentionPolicy()
     kwargs = dict(
-        keep_last=r.int("keep_last", rdefaults.keep_last, low=1, hint=" (the newest checkpoint is always kept)"),
-        keep_best=r.int("keep_best", rdefaults.keep_best, low=0, hint=" (0 turns it off)"),
-        best_metric=r.str("best_metric", rdefaults.best_metric),
-        best_mode=r.str("best_mode", rdefaults.best_mode, choices=("min", "max")),
-        keep_every=r.int("keep_every", rdefaults.keep_every, low=0, hint=" (0 turns it off)"),
-        keep_final=r.bool("keep_final", rdefaults.keep_final),
+        keep_last=s.int("keep_last", d.keep_last, low=1, hint=" (the newest checkpoint is always kept)"),
+        keep_best=s.int("keep_best", d.keep_best, low=0, hint=" (0 turns it off)"),
+        best_metric=s.str("best_metric", d.best_metric),
+        best_mode=s.str("best_mode", d.best_mode, choices=("min", "max")),
+        keep_every=s.int("keep_every", d.keep_every, low=0, hint=" (0 turns it off)"),
+        keep_final=s.bool("keep_final", d.keep_final),
     )
-    r.done()
+    s.done()
     try:
-        retention = RetentionPolicy(**kwargs)
+        return RetentionPolicy(**kwargs)
     except RetentionError as e:
         raise JobConfigError(str(e)) from None
 
-    rs = _Table("[restart]", top.table("restart"), base_dir)
-    restart = RestartConfig(
-        max_restarts=rs.int("max_restarts", RestartConfig.max_restarts, low=0, hint=" (0: never restart)"),
-        backoff_initial_s=rs.float("backoff_initial_s", RestartConfig.backoff_initial_s, low=0.0),
-        backoff_max_s=rs.float("backoff_max_s", RestartConfig.backoff_max_s, low=0.0),
-        backoff_multiplier=rs.float("backoff_multiplier", RestartConfig.backoff_multiplier, low=1.0),
-        jitter=rs.float("jitter", RestartConfig.jitter, low=0.0, high=1.0, hint=" (a fraction of the delay)"),
-        window_s=rs.float("window_s", RestartConfig.window_s, low=0.0, hint=" (0: the whole run)"),
-        no_progress_limit=rs.int("no_progress_limit", RestartConfig.no_progress_limit, low=0, hint=" (0 turns it off)"),
-    )
-    rs.done()
-    if restart.backoff_max_s < restart.backoff_initial_s:
-        raise JobConfigError(f"[restart] backoff_max_s must be >= backoff_initial_s ({restart.backoff_initial_s}), "
-                             f"got {restart.backoff_max_s}")
 
-    s = _Table("[stop]", top.table("stop"), base_dir)
-    stop = StopConfig(
-        grace_s=s.float("grace_s", StopConfig.grace_s, low=0.0, low_open=True, hint=" (time for ranks to save)"),
-        kill_after_s=s.float("kill_after_s", StopConfig.kill_after_s, low=0.0),
+def _read_restart(s: Section) -> RestartConfig:
+    d = RestartConfig
+    restart = RestartConfig(
+        max_restarts=s.int("max_restarts", d.max_restarts, low=0, hint=" (0: never restart)"),
+        backoff_initial_s=s.float("backoff_initial_s", d.backoff_initial_s, low=0.0),
+        backoff_max_s=s.float("backoff_max_s", d.backoff_max_s, low=0.0),
+        backoff_multiplier=s.float("backoff_multiplier", d.backoff_multiplier, low=1.0),
+        jitter=s.float("jitter", d.jitter, low=0.0, high=1.0, hint=" (a fraction of the delay)"),
+        window_s=s.float("window_s", d.window_s, low=0.0, hint=" (0: the whole run)"),
+        no_progress_limit=s.int("no_progress_limit", d.no_progress_limit, low=0, hint=" (0 turns it off)"),
     )
     s.done()
-
-    w = _Table("[watch]", top.table("watch"), base_dir)
-    watch = WatchConfig(
-        hang_timeout_s=w.float("hang_timeout_s", WatchConfig.hang_timeout_s, low=0.0, low_open=True),
-        startup_timeout_s=w.float("startup_timeout_s", WatchConfig.startup_timeout_s, low=0.0, low_open=True),
-        poll_interval_s=w.float("poll_interval_s", WatchConfig.poll_interval_s, low=0.01, high=10.0),
-    )
-    w.done()
-
-    sections: dict[str, Any] = {}
-    for name, parser in SECTION_PARSERS.items():
-        body = top.table(name)
-        try:
-            sections[name] = parser(body)
-        except JobConfigError:
-            raise
-        except (ValueError, TypeError) as e:
-            msg = str(e)
-            raise JobConfigError(msg if msg.startswith("[") else f"[{name}] {msg}") from None
-    group_shared = top.bool("group_shared", False)
-    top.done()
-
-    return JobConfig(job_file=job_file, run_dir=Path(resolved_run_dir), train=train, launch=launch,
-                     checkpoint=checkpoint, retention=retention, restart=restart, stop=stop, watch=watch,
-                     sections=MappingProxyType(sections), group_shared=group_shared)
+    if restart.backoff_max_s < restart.backoff_initial_s:
+        s.fail(f"must be >= backoff_initial_s ({restart.backoff_initial_s}), got {restart.backoff_max_s}",
+               "backoff_max_s")
+    return restart

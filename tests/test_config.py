@@ -262,9 +262,10 @@ def test_overrides_apply_and_are_validated(tmp_path):
 
 
 def test_section_parsers_registry(tmp_path, monkeypatch):
-    def parse_gpu(d):
-        if d.get("max_temp_c", 80) > 100:
-            raise ValueError("[gpu] max_temp_c must be <= 100, got 120")
+    def parse_gpu(d):  # a section parser reads its table through config.Section, like the built-in ones
+        s = cfg.Section("[gpu]", d)
+        s.int("max_temp_c", 80, high=100)
+        s.done()
         return ("gpu", dict(d))
 
     monkeypatch.setitem(cfg.SECTION_PARSERS, "gpu", parse_gpu)
