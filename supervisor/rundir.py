@@ -24,6 +24,8 @@ import stat
 import time
 from pathlib import Path
 
+import filelock
+
 from supervisor.errors import LockedError, UserError
 from train_core import runfiles
 
@@ -204,3 +206,28 @@ def _old_rank_pids(paths: runfiles.RunPaths) -> list[int]:
         if isinstance(info.get("pid"), int) and info["pid"] > 0:
             pids.append(info["pid"])
     return pids
+
+
+def acquire_run_lock(run_dir: Path, *, group_shared: bool = False) -> filelock.BaseFileLock:
+    """One supervisor per run dir; LockedError (exit 4) names the PID holding it.
+
+    First the run dir is made private, or refused when someone else could have written it
+    (secure_run_dir, exit 2). The lock and pid files are never followed as symlinks."""
+    for note in secure_run_dir(run_dir, group_shared=group_shared):
+        log.info("%s", note)
+    paths = runfiles.RunPaths(run_dir)
+    os.close(open_nofollow(paths.lock, os.O_RDONLY | os.O_CREAT))  # filelock would follow a link
+    lock = filelock.FileLock(str(paths.lock), timeout=0)
+    pid_file = Path(str(paths.lock) + ".pid")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        holder = "unknown pid"
+        try:
+            holder = f"pid {int(pid_file.read_text().strip())}"
+        except (OSError, ValueError):
+            pass
+        raise LockedError(f"run dir {run_dir} is locked by another supervisor ({holder}); "
+                          "stop it first (trainsup status shows it) or use another --run-dir") from None
+    write_pid_file(pid_file, os.getpid())
+    return lock

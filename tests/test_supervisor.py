@@ -14,12 +14,14 @@ import pytest
 from click.testing import CliRunner
 
 from supervisor.runner import launch as L
+from supervisor.runner import procs
 from supervisor.cli import main
 from supervisor.cli.run import Console, collect_status
 from supervisor.config import load_job
 from supervisor.errors import LockedError
 from supervisor.events import EventLog, read_events
-from supervisor.runner import Runner, State, TransitionError, acquire_run_lock
+from supervisor.rundir import acquire_run_lock
+from supervisor.runner import Runner, State, TransitionError
 from supervisor.watch import Action, Decision
 from supervisor_helpers import QuietWatcher, events, read_json, run_processes, write_job
 from train_core import runfiles
@@ -263,7 +265,7 @@ def test_child_gets_default_signals_and_own_session(tmp_path):
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a non-interactive shell job
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
     try:
-        child = L.spawn(L.LaunchPlan((sys.executable, str(probe)), dict(os.environ), 1), tmp_path / "out.log")
+        child = procs.spawn(L.LaunchPlan((sys.executable, str(probe)), dict(os.environ), 1), tmp_path / "out.log")
         child.popen.wait(30)
     finally:
         signal.signal(signal.SIGINT, old)

@@ -154,9 +154,9 @@ def test_runner_survives_an_error_from_a_scan(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RecursionError("crafted")
 
-    monkeypatch.setattr(r.store, "scan", boom)
-    r._refresh_checkpoints(0.0, force=True)  # logs, keeps the last known list
-    assert r.checkpoints == []
+    monkeypatch.setattr(r.ckpts.store, "scan", boom)
+    assert r.ckpts.refresh(force=True) is None  # logs, keeps the last known list
+    assert r.ckpts.all == []
 
 
 # --------------------------------------------------------------------------- planted pickles
@@ -320,7 +320,7 @@ def test_existing_readable_run_dir_is_tightened_with_a_note(tmp_path):
 
 def test_lock_and_pid_files_never_follow_symlinks(tmp_path):
     from supervisor.errors import UserError
-    from supervisor.runner import acquire_run_lock
+    from supervisor.rundir import acquire_run_lock
 
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)
@@ -473,11 +473,11 @@ class Suspend(QuietWatcher):
         self.done = False
 
     def poll(self, now):
-        from supervisor.runner import launch
+        from supervisor.runner import procs as os_procs
 
         if not self.done and (read_json(self.status) or {}).get("step", -1) >= 5:
             self.done = True
-            procs = launch.descendants()
+            procs = os_procs.descendants()
             for p in procs:
                 p.suspend()
             time.sleep(3.0)

@@ -236,9 +236,10 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
     Example:
       trainsup run job.toml --set stop.grace_s=120
     """
-    from supervisor.runner import launch
+    from supervisor.runner import procs
     from supervisor.rundir import secure_run_dir
-    from supervisor.runner import Runner, build_watchers
+    from supervisor.runner import Runner
+    from supervisor.runner.watchers import build_watchers
     from supervisor.systemd.sdnotify import SD_ENV_VARS, SdNotifier, SdNotifyReporter
 
     from train_core.runfiles import RunPaths
@@ -265,7 +266,7 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
         reporter = SdNotifyReporter(console, notifier,
                                     stop_timeout_s=outlast_stop_s(job.stop.grace_s, job.stop.kill_after_s))
         watchers = build_watchers(job)
-        subreaper = launch.set_child_subreaper()
+        subreaper = procs.set_child_subreaper()
         runner = Runner(job, watchers=watchers, reporter=reporter, subreaper=subreaper)
         reporter.stop_requested = lambda: runner.user_stop is not None
         code = runner.run()
