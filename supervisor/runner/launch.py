@@ -33,6 +33,12 @@ class LaunchPlan:
     death_signal: bool = True  # PR_SET_PDEATHSIG(SIGTERM) on the launcher (see the module doc)
 
 
+def needs_port(job: JobConfig) -> bool:
+    """Several ranks rendezvous on a TCP port: the supervisor picks a free one per attempt."""
+    lc = job.launch
+    return lc.launcher == "accelerate" and ((lc.num_processes or 1) > 1 or lc.num_machines > 1)
+
+
 def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supervisor_pid: int,
                  base_env: Mapping[str, str], port: int | None = None,
                  attempt_env: Mapping[str, str] | None = None) -> LaunchPlan:
@@ -41,7 +47,19 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
     `attempt_env` is what the supervisor decided for this attempt (the OOM back-off's
     TRAINSUP_MICRO_BATCH/GRAD_ACCUM): it wins over [train] env, which would otherwise undo it.
     """
-    lc = job.launch
+    env = attempt_environment(job, attempt=attempt, resume_from=resume_from, supervisor_pid=supervisor_pid,
+                              base_env=base_env, attempt_env=attempt_env)
+    script = [str(job.train.script), *job.train.args]
+    if job.launch.launcher == "python":
+        return LaunchPlan((sys.executable, "-u", *script), env, 1)
+    argv, nproc, multi = _accelerate_argv(job, env, attempt=attempt, port=port)
+    return LaunchPlan((*argv, *script), env, nproc, death_signal=multi)
+
+
+def attempt_environment(job: JobConfig, *, attempt: int, resume_from: Path | None, supervisor_pid: int,
+                        base_env: Mapping[str, str], attempt_env: Mapping[str, str] | None) -> dict[str, str]:
+    """The ranks' environment: the caller's, [train] env, the attempt's, and the contract's
+    TRAINSUP_* variables (docs/contract.md)."""
     paths = runfiles.RunPaths(job.run_dir)
     env = dict(base_env)
     env.update(job.train.env)
@@ -56,26 +74,27 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
     env.setdefault(runfiles.ENV_SAVE_SIGNAL, "SIGUSR1")
     env[runfiles.ENV_SUPERVISOR_PID] = str(supervisor_pid)
     env[runfiles.ENV_STOP_WINDOW_S] = str(stop_window_s(job.stop.grace_s, job.stop.kill_after_s))
+    env.pop(runfiles.ENV_GROUP_SHARED, None)
     if job.group_shared:
         env[runfiles.ENV_GROUP_SHARED] = "1"
-    else:
-        env.pop(runfiles.ENV_GROUP_SHARED, None)
     if job.checkpoint.interval_steps:
         env[runfiles.ENV_CHECKPOINT_INTERVAL_STEPS] = str(job.checkpoint.interval_steps)
+    env.pop(runfiles.ENV_RESUME_FROM, None)
     if resume_from is not None:
         env[runfiles.ENV_RESUME_FROM] = str(resume_from)
-    else:
-        env.pop(runfiles.ENV_RESUME_FROM, None)
     # The elastic agent SIGKILLs ranks this long after forwarding SIGTERM: keep it above
-    # our own grace + kill window so it never cuts a save short that we would have allowed.
+    # our own stop window so it never cuts a save short that we would have allowed.
     shutdown_s = str(int(outlast_stop_s(job.stop.grace_s, job.stop.kill_after_s)))
     env["PET_SHUTDOWN_TIMEOUT"] = shutdown_s
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = shutdown_s
+    return env
 
-    script = [str(job.train.script), *job.train.args]
-    if lc.launcher == "python":
-        return LaunchPlan((sys.executable, "-u", *script), env, 1)
 
+def _accelerate_argv(job: JobConfig, env: dict[str, str], *, attempt: int,
+                     port: int | None) -> tuple[list[str], int, bool]:
+    """(`accelerate launch` argv without the script, ranks it starts, several ranks?). May set
+    ACCELERATE_USE_CPU in `env`."""
+    lc = job.launch
     # --quiet: no launcher traceback repeating a rank's failure (a rank exiting 75 after a save
     # would otherwise print a CalledProcessError); the rank's own output and exit report stay.
     argv: list[str] = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
@@ -86,8 +105,8 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
     mp = lc.mixed_precision if lc.mixed_precision is not None else (None if use_config else "no")
     multi = (nproc or 1) > 1 or lc.num_machines > 1
     if lc.cpu and multi:
-        # facts.md: `--cpu --num_processes 2` silently starts ONE process; this is the recipe
-        # for N CPU ranks that really talk (gloo).
+        # docs/platform.md: `--cpu --num_processes 2` silently starts ONE process; this is the
+        # recipe for N CPU ranks that really talk (gloo).
         env["ACCELERATE_USE_CPU"] = "1"
         argv += ["--multi_gpu"]
         mp = "no" if mp is None else mp
@@ -111,13 +130,9 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
     if lc.main_process_ip:
         argv += ["--main_process_ip", lc.main_process_ip]
     if multi:
-        chosen = lc.main_process_port or port
-        if chosen:
-            argv += ["--main_process_port", str(chosen)]
+        if lc.main_process_port or port:
+            argv += ["--main_process_port", str(lc.main_process_port or port)]
         # torch elastic prefixes each line with "[rankN]:" when tee'ing (rank prefix in the log)
-        argv += ["--tee", "3", "--role", "rank", "--log_dir", str(paths.logs / f"attempt-{attempt}-ranks")]
-    argv += list(lc.extra_args)
-    argv += script
-    return LaunchPlan(tuple(argv), env, nproc or 1, death_signal=multi)
-
-
+        argv += ["--tee", "3", "--role", "rank", "--log_dir",
+                 str(runfiles.RunPaths(job.run_dir).logs / f"attempt-{attempt}-ranks")]
+    return argv + list(lc.extra_args), nproc or 1, multi

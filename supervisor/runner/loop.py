@@ -301,11 +301,9 @@ class Runner(Stopping):
             self.batch.restore(self.paths.events, resume)
         self.attempts += 1
         number = self.attempts
-        lc = self.job.launch
-        multi = lc.launcher == "accelerate" and ((lc.num_processes or 1) > 1 or lc.num_machines > 1)
         plan = launch.build_launch(self.job, attempt=number, resume_from=resume.path if resume else None,
                                    supervisor_pid=os.getpid(), base_env=os.environ, attempt_env=self.batch.env,
-                                   port=launch.free_port() if multi else None)
+                                   port=launch.free_port() if launch.needs_port(self.job) else None)
         log_path = self.paths.logs / f"attempt-{number}.log"
         child = self.procs.spawn(plan, log_path, cwd=self.job.job_file.parent if self.job.job_file else None,
                                  paths=self.paths)
