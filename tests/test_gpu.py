@@ -15,7 +15,8 @@ import pytest
 from supervisor.watch.fake_gpu import FakeGpuBackend, FakeScript, load_fake_script
 from supervisor.watch.gpu import GpuWatcher, build_gpu_watcher, visible_nvml_indices
 from supervisor.watch.nvml import GpuUnavailable, NvmlBackend
-from supervisor.watch.thermal import ConfigError, GpuConfig, GpuReading
+from supervisor.config import JobConfigError
+from supervisor.watch.thermal import GpuConfig, GpuReading
 from supervisor.watch import Action
 
 GIB = 2**30
@@ -183,16 +184,16 @@ def test_script_loads_from_json_and_toml(tmp_path):
     ],
 )
 def test_bad_script_names_the_point_and_key(obj, message):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(JobConfigError) as e:
         FakeScript.from_obj(obj, source="gpu.json")
     assert str(e.value).startswith("gpu.json: ") and message in str(e.value)
 
 
 def test_unreadable_or_malformed_script_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"fake_script .*nope.toml' cannot be read .*fix the path"):
+    with pytest.raises(JobConfigError, match=r"fake_script .*nope.toml' cannot be read .*fix the path"):
         load_fake_script(tmp_path / "nope.toml")
     (tmp_path / "bad.toml").write_text("[[points]\n")
-    with pytest.raises(ConfigError, match=r"bad.toml: not valid TOML"):
+    with pytest.raises(JobConfigError, match=r"bad.toml: not valid TOML"):
         load_fake_script(tmp_path / "bad.toml")
 
 
@@ -210,7 +211,7 @@ def test_build_gpu_watcher_from_config(tmp_path):
     nv = build_gpu_watcher(GpuConfig(), base_dir=tmp_path, env={})
     assert isinstance(nv.backend, NvmlBackend)
     nv.close()
-    with pytest.raises(ConfigError, match="cannot be read"):
+    with pytest.raises(JobConfigError, match="cannot be read"):
         build_gpu_watcher(GpuConfig(backend="fake", fake_script="missing.json"), base_dir=tmp_path)
 
 

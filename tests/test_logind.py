@@ -13,7 +13,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from fake_login1 import FakeLogind, PrivateBus, dbus_daemon_available  # noqa: E402
 
-from supervisor.watch.logind import ConfigError, LogindConfig, LogindWatcher, system_bus_address  # noqa: E402
+from supervisor.config import JobConfigError  # noqa: E402
+from supervisor.watch.logind import LogindConfig, LogindWatcher, system_bus_address  # noqa: E402
 from supervisor.watch import Action, Decision  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dbus_daemon_available(), reason="dbus-daemon is not installed")
@@ -244,13 +245,14 @@ def test_disabled_never_connects() -> None:
 
 
 @pytest.mark.parametrize("d,message", [
-    ({"release_margin": 1}, '[logind] unknown key "release_margin": did you mean "release_margin_s"?'),
-    ({"release_margin_s": -1}, "[logind] release_margin_s must be a number >= 0 (seconds), got -1"),
-    ({"enabled": 1}, "[logind] enabled must be true or false, got 1"),
+    ({"release_margin": 1}, "[logind] unknown key 'release_margin' (did you mean 'release_margin_s'?); "
+                            "known keys: enabled, release_margin_s, what"),
+    ({"release_margin_s": -1}, "[logind] release_margin_s must be >= 0 (seconds), got -1"),
+    ({"enabled": 1}, "[logind] enabled must be true or false, got an integer 1"),
     ({"what": "idle"}, '[logind] what must be "sleep", "shutdown" or "sleep:shutdown", got \'idle\''),
 ])
 def test_logind_config_errors(d, message) -> None:
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(JobConfigError) as e:
         LogindConfig.from_dict(d)
     assert str(e.value) == message
     assert LogindConfig.from_dict({"release_margin_s": 1}).release_margin_s == 1.0

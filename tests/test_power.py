@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.config import JobConfigError
 from supervisor.watch.power import (
-    ConfigError,
     PowerConfig,
     PowerMode,
     PowerReading,
@@ -266,32 +266,33 @@ def test_config_defaults_and_from_dict() -> None:
 
 
 @pytest.mark.parametrize("d,message", [
-    ({"min_percnt": 5}, '[power] unknown key "min_percnt": did you mean "min_percent"?'),
-    ({"bogus": 1}, '[power] unknown key "bogus": valid keys: enabled, on_battery, min_percent, '
-                   'resume_percent, poll_interval_s, sysfs_root'),
-    ({"on_battery": "stopp"}, '[power] on_battery must be "continue", "pause" or "stop", got \'stopp\' '
-                              '(did you mean "stop"?)'),
-    ({"on_battery": 1}, '[power] on_battery must be "continue", "pause" or "stop", got 1'),
-    ({"enabled": "yes"}, "[power] enabled must be true or false, got 'yes'"),
-    ({"min_percent": True}, "[power] min_percent must be a number, got True"),
-    ({"min_percent": 150}, "[power] min_percent must be between 0 and 100, got 150"),
-    ({"resume_percent": -1}, "[power] resume_percent must be between 0 and 100, got -1"),
+    ({"min_percnt": 5}, "[power] unknown key 'min_percnt' (did you mean 'min_percent'?); known keys: enabled, "
+                        "min_percent, on_battery, poll_interval_s, resume_percent, sysfs_root"),
+    ({"bogus": 1}, "[power] unknown key 'bogus'; known keys: enabled, min_percent, on_battery, poll_interval_s, "
+                   "resume_percent, sysfs_root"),
+    ({"on_battery": "stopp"}, '[power] on_battery must be one of "continue", "pause", "stop", got \'stopp\' '
+                              "(did you mean 'stop'?)"),
+    ({"on_battery": 1}, '[power] on_battery must be one of "continue", "pause", "stop", got an integer 1'),
+    ({"enabled": "yes"}, "[power] enabled must be true or false, got a string 'yes'"),
+    ({"min_percent": True}, "[power] min_percent must be a number (percent of battery charge), got a boolean True"),
+    ({"min_percent": 150}, "[power] min_percent must be <= 100 (percent of battery charge), got 150"),
+    ({"resume_percent": -1}, "[power] resume_percent must be >= 0 (percent of battery charge), got -1"),
     ({"min_percent": 30, "resume_percent": 20},
-     "[power] resume_percent (20) must be above min_percent (30); e.g. resume_percent = 40"),
-    ({"poll_interval_s": 0}, "[power] poll_interval_s must be > 0, got 0"),
-    ({"sysfs_root": ""}, '[power] sysfs_root must be a directory path, e.g. "/sys/class/power_supply"'),
+     "[power] resume_percent must be above min_percent (30), got 20; e.g. resume_percent = 40"),
+    ({"poll_interval_s": 0}, "[power] poll_interval_s must be > 0 (seconds), got 0"),
+    ({"sysfs_root": ""}, '[power] sysfs_root must not be empty (a directory, e.g. "/sys/class/power_supply")'),
 ])
 def test_config_errors_name_key_and_fix(d, message) -> None:
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(JobConfigError) as e:
         PowerConfig.from_dict(d)
     assert str(e.value) == message
-    assert isinstance(e.value, ValueError)
+    assert e.value.exit_code == 2  # the one job.toml error type: exit 2 from any command
 
 
 def test_config_error_uses_where() -> None:
-    with pytest.raises(ConfigError, match=r"^\[job\.power\] min_percent"):
+    with pytest.raises(JobConfigError, match=r"^\[job\.power\] min_percent"):
         PowerConfig.from_dict({"min_percent": 101}, where="job.power")
-    with pytest.raises(ConfigError, match=r"^\[power\] min_percent"):
+    with pytest.raises(JobConfigError, match=r"^\[power\] min_percent"):
         PowerConfig(min_percent=101)
 
 

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from supervisor.watch.thermal import (
     THROTTLE_BITS,
-    ConfigError,
     GpuConfig,
     GpuReading,
     ThermalPhase,
@@ -28,6 +27,7 @@ from supervisor.watch.thermal import (
     throttle_step,
     vram_warning_step,
 )
+from supervisor.config import JobConfigError
 from supervisor.watch import Action
 
 CFG = GpuConfig(pause_c=80, resume_c=70, stop_c=90)
@@ -52,43 +52,44 @@ def test_defaults_are_valid_and_ints_become_floats():
         ({"pause_c": 80, "resume_c": 85}, "[gpu] resume_c must be below pause_c (80), got 85"),
         ({"pause_c": 80, "resume_c": 80}, "[gpu] resume_c must be below pause_c (80), got 80"),
         ({"pause_c": 90, "stop_c": 88}, "[gpu] stop_c must be at or above pause_c (90), got 88"),
-        ({"pause_temp_c": 80}, "[gpu] unknown key 'pause_temp_c'; did you mean 'pause_c'?"),
+        ({"pause_temp_c": 80}, "[gpu] unknown key 'pause_temp_c' (did you mean 'pause_c'?); known keys: backend,"),
         ({"oom_min_microbatch": 2}, "did you mean 'oom_min_micro_batch'?"),
-        ({"frobnicate": 1}, "[gpu] unknown key 'frobnicate' (known keys: enabled, backend,"),
-        ({"pause_c": "85"}, "[gpu] pause_c must be a number (e.g. pause_c = 85), got '85'"),
+        ({"frobnicate": 1}, "[gpu] unknown key 'frobnicate'; known keys: backend, enabled,"),
+        ({"pause_c": "85"}, "[gpu] pause_c must be a number (degrees Celsius), got a string '85'"),
         ({"pause_c": True}, "[gpu] pause_c must be a number"),
-        ({"enabled": 1}, "[gpu] enabled must be true or false (e.g. enabled = true), got 1"),
-        ({"oom_min_micro_batch": 1.5}, "[gpu] oom_min_micro_batch must be an integer (e.g. oom_min_micro_batch = 1), got 1.5"),
-        ({"oom_min_micro_batch": 0}, "[gpu] oom_min_micro_batch must be an integer >= 1, got 0"),
-        ({"backend": "nvlm"}, "[gpu] backend must be one of 'auto', 'nvml', 'fake'; did you mean 'nvml'?, got 'nvlm'"),
+        ({"enabled": 1}, "[gpu] enabled must be true or false, got an integer 1"),
+        ({"oom_min_micro_batch": 1.5}, "[gpu] oom_min_micro_batch must be an integer (samples per rank), got a number 1.5"),
+        ({"oom_min_micro_batch": 0}, "[gpu] oom_min_micro_batch must be >= 1 (samples per rank), got 0"),
+        ({"backend": "nvlm"}, '[gpu] backend must be one of "auto", "nvml", "fake", got \'nvlm\' (did you mean \'nvml\'?)'),
         ({"backend": "fake"}, '[gpu] backend = "fake" needs fake_script = "PATH"'),
         ({"backend": "nvml", "fake_script": "x.toml"}, "[gpu] fake_script is only read with backend"),
-        ({"poll_interval_s": 0}, "[gpu] poll_interval_s must be between 0.1 and 3600 seconds, got 0.0"),
-        ({"vram_warn_fraction": 1.5}, "[gpu] vram_warn_fraction must be in (0, 1]"),
-        ({"vram_warn_fraction": 0.5, "vram_rearm_margin": 0.6}, "[gpu] vram_rearm_margin must be >= 0 and below vram_warn_fraction (0.5)"),
-        ({"stop_c": 200}, "[gpu] stop_c must be a temperature in Celsius between 0 and 150, got 200.0"),
+        ({"poll_interval_s": 0}, "[gpu] poll_interval_s must be >= 0.1 (seconds), got 0"),
+        ({"vram_warn_fraction": 1.5}, "[gpu] vram_warn_fraction must be <= 1 (a fraction of VRAM, e.g. 0.95), got 1.5"),
+        ({"vram_warn_fraction": 0.5, "vram_rearm_margin": 0.6}, "[gpu] vram_rearm_margin must be below vram_warn_fraction (0.5), got 0.6"),
+        ({"stop_c": 200}, "[gpu] stop_c must be <= 150 (degrees Celsius), got 200"),
         ({"pause_c": float("nan")}, "[gpu] pause_c must be a finite number"),
-        ({"throttle_notice": "hw_thermal"}, "[gpu] throttle_notice must be a list of strings"),
-        ({"throttle_notice": ["hw_thermall"]}, "[gpu] throttle_notice has unknown reason 'hw_thermall'; did you mean 'hw_thermal'?"),
-        ({"throttle_rearm_s": -1}, "[gpu] throttle_rearm_s must be >= 0 seconds, got -1.0"),
+        ({"throttle_notice": "hw_thermal"}, '[gpu] throttle_notice must be an array of strings such as ["hw_thermal", "hw_power_brake"]'),
+        ({"throttle_notice": ["hw_thermall"]}, "[gpu] throttle_notice has unknown entry 'hw_thermall' (did you mean 'hw_thermal'?)"),
+        ({"throttle_rearm_s": -1}, "[gpu] throttle_rearm_s must be >= 0 (seconds), got -1"),
+        ({"fake_script": ""}, "[gpu] fake_script must not be empty"),
     ],
 )
 def test_bad_config_names_key_and_fix(table, message):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(JobConfigError) as e:
         GpuConfig.from_dict(table)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
-    assert isinstance(e.value, ValueError)
+    assert e.value.exit_code == 2  # the one job.toml error type: exit 2 from any command
 
 
 def test_where_is_the_key_path_and_direct_construction_validates_too():
-    with pytest.raises(ConfigError, match=r"^\[jobs\.a\.gpu\] resume_c must be below"):
+    with pytest.raises(JobConfigError, match=r"^\[jobs\.a\.gpu\] resume_c must be below"):
         GpuConfig.from_dict({"resume_c": 99}, where="jobs.a.gpu")
-    with pytest.raises(ConfigError, match=r"^\[gpu\] must be a table"):
+    with pytest.raises(JobConfigError, match=r"^\[gpu\] must be a table"):
         GpuConfig.from_dict([1, 2])  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"^\[gpu\] resume_c must be below pause_c \(85\), got 90"):
+    with pytest.raises(JobConfigError, match=r"^\[gpu\] resume_c must be below pause_c \(85\), got 90"):
         GpuConfig(resume_c=90)
-    with pytest.raises(ConfigError):
+    with pytest.raises(JobConfigError):
         dataclasses.replace(CFG, stop_c=10)
 
 

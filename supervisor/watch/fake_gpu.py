@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from supervisor.config import JobConfigError
 from supervisor.watch.nvml import GpuUnavailable
-from supervisor.watch.thermal import THROTTLE_NAMES, ConfigError, GpuProcess, GpuReading
+from supervisor.watch.thermal import THROTTLE_NAMES, GpuProcess, GpuReading
 
 _POINT_NUMBERS = ("temp_c", "power_w", "power_limit_w")
 _POINT_INTS = ("vram_used_bytes", "vram_total_bytes")
@@ -45,7 +46,7 @@ class FakeScript:
         A point: {t_s, gpu (default 0), temp_c, vram_used_bytes, vram_total_bytes,
         power_w, power_limit_w, throttle: [names], processes: [{pid, used_bytes}],
         fail: "reason"}. Keys left out keep the previous point's value for that GPU.
-        Raises ConfigError naming `source`, the point and the key.
+        Raises JobConfigError naming `source`, the point and the key.
         """
         table = _script_table(obj, source)
         by_gpu: dict[int, list[tuple[float, int, dict[str, Any]]]] = {}
@@ -77,46 +78,46 @@ def _script_table(obj: Any, source: str) -> dict[str, Any]:
     if isinstance(obj, list):
         obj = {"points": obj}
     if not isinstance(obj, dict):
-        raise ConfigError(f"{source}: must be a list of points or a table with `points` "
+        raise JobConfigError(f"{source}: must be a list of points or a table with `points` "
                           "(TOML: [[points]] t_s = 0 temp_c = 60)")
     unknown = set(obj) - {"points", "device_count", "uuids"}
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; use points, device_count, uuids")
+        raise JobConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; use points, device_count, uuids")
     points = obj.get("points")
     if not isinstance(points, list) or not points:
-        raise ConfigError(f"{source}: needs a non-empty list `points` of {{t_s, temp_c, vram_used_bytes, ...}}")
+        raise JobConfigError(f"{source}: needs a non-empty list `points` of {{t_s, temp_c, vram_used_bytes, ...}}")
     return obj
 
 
 def _check_point(p: Any, where: str) -> tuple[float, int]:
     """Type check one point (`where` is "SOURCE: point N"); -> (t_s, gpu)."""
     if not isinstance(p, dict):
-        raise ConfigError(f"{where} must be a table/object, got {p!r}")
+        raise JobConfigError(f"{where} must be a table/object, got {p!r}")
     extra = set(p) - _POINT_KEYS
     if extra:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; known: {', '.join(sorted(_POINT_KEYS))}")
+        raise JobConfigError(f"{where}: unknown key(s) {sorted(extra)}; known: {', '.join(sorted(_POINT_KEYS))}")
     t = p.get("t_s")
     if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0:
-        raise ConfigError(f"{where}: t_s must be a number of seconds >= 0 since the start, got {t!r}")
+        raise JobConfigError(f"{where}: t_s must be a number of seconds >= 0 since the start, got {t!r}")
     gpu = p.get("gpu", 0)
     if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
-        raise ConfigError(f"{where}: gpu must be an NVML index >= 0, got {gpu!r}")
+        raise JobConfigError(f"{where}: gpu must be an NVML index >= 0, got {gpu!r}")
     for k in _POINT_NUMBERS:
         if k in p and (isinstance(p[k], bool) or not isinstance(p[k], (int, float))):
-            raise ConfigError(f"{where}: {k} must be a number, got {p[k]!r}")
+            raise JobConfigError(f"{where}: {k} must be a number, got {p[k]!r}")
     for k in _POINT_INTS:
         if k in p and (isinstance(p[k], bool) or not isinstance(p[k], int) or p[k] < 0):
-            raise ConfigError(f"{where}: {k} must be an integer number of bytes >= 0, got {p[k]!r}")
+            raise JobConfigError(f"{where}: {k} must be an integer number of bytes >= 0, got {p[k]!r}")
     th = p.get("throttle", [])
     if not isinstance(th, list) or any(x not in THROTTLE_NAMES for x in th):
-        raise ConfigError(f"{where}: throttle must be a list of {', '.join(sorted(THROTTLE_NAMES))}, got {th!r}")
+        raise JobConfigError(f"{where}: throttle must be a list of {', '.join(sorted(THROTTLE_NAMES))}, got {th!r}")
     pr = p.get("processes", [])
     if not isinstance(pr, list) or any(
         not isinstance(x, dict) or not isinstance(x.get("pid"), int) or set(x) - {"pid", "used_bytes"} for x in pr
     ):
-        raise ConfigError(f"{where}: processes must be a list of {{pid, used_bytes}}, got {pr!r}")
+        raise JobConfigError(f"{where}: processes must be a list of {{pid, used_bytes}}, got {pr!r}")
     if not isinstance(p.get("fail", ""), str):
-        raise ConfigError(f"{where}: fail must be a reason string, got {p['fail']!r}")
+        raise JobConfigError(f"{where}: fail must be a reason string, got {p['fail']!r}")
     return float(t), gpu
 
 
@@ -124,11 +125,11 @@ def _devices(table: Mapping[str, Any], top_gpu: int, source: str) -> tuple[int, 
     """(device_count, uuids): given, or enough GPUs for the points with made-up UUIDs."""
     count = table.get("device_count", top_gpu + 1)
     if isinstance(count, bool) or not isinstance(count, int) or count <= top_gpu:
-        raise ConfigError(f"{source}: device_count must be an integer above every point's gpu ({top_gpu}), "
+        raise JobConfigError(f"{source}: device_count must be an integer above every point's gpu ({top_gpu}), "
                           f"got {count!r}")
     uuids = table.get("uuids", [f"GPU-00000000-0000-4000-8000-{i:012d}" for i in range(count)])
     if not isinstance(uuids, list) or len(uuids) != count or not all(isinstance(u, str) for u in uuids):
-        raise ConfigError(f"{source}: uuids must be a list of {count} strings, got {uuids!r}")
+        raise JobConfigError(f"{source}: uuids must be a list of {count} strings, got {uuids!r}")
     return count, tuple(uuids)
 
 
@@ -150,16 +151,16 @@ def _step_function(gpu: int, uuid: str, items: list[tuple[float, int, dict[str, 
 
 
 def load_fake_script(path: str | os.PathLike[str]) -> FakeScript:
-    """Read a fake script from a .json or .toml file; ConfigError names the file and the problem."""
+    """Read a fake script from a .json or .toml file; JobConfigError names the file and the problem."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError(f"[gpu] fake_script {str(p)!r} cannot be read ({e.strerror}); fix the path") from e
+        raise JobConfigError(f"[gpu] fake_script {str(p)!r} cannot be read ({e.strerror}); fix the path") from e
     try:
         obj = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from e
+        raise JobConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from e
     return FakeScript.from_obj(obj, source=str(p))
 
 

@@ -359,8 +359,8 @@ def build_gpu_watcher(
 ) -> GpuWatcher | None:
     """The watcher for `[gpu]` of a job (None when disabled). `env` is the child's environment.
 
-    Raises ConfigError for a bad fake script (so `trainsup validate` catches it);
-    never for NVML trouble, which only shows once the watcher starts.
+    Raises JobConfigError (exit 2) for a bad fake script; never for NVML trouble, which
+    only shows once the watcher starts.
     """
     if not config.enabled:
         return None

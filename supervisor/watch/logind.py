@@ -38,17 +38,16 @@ emitting a look-alike PrepareForSleep.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import InitVar, asdict, dataclass
 from typing import Any, Callable, Mapping
 
-from supervisor.watch.power import ConfigError
+from supervisor.config import Section
 from supervisor.watch import Action, Decision
 
 log = logging.getLogger(__name__)
@@ -73,37 +72,32 @@ class LogindConfig:
     enabled: bool = True
     release_margin_s: float = 0.5  # release this long before logind stops waiting anyway
     what: str = "sleep:shutdown"
+    where: InitVar[str] = "logind"
 
-    def __post_init__(self) -> None:
-        self._check("logind")
-
-    def _check(self, where: str) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"[{where}] enabled must be true or false, got {self.enabled!r}")
-        if isinstance(self.release_margin_s, bool) or not isinstance(self.release_margin_s, (int, float)) \
-                or self.release_margin_s < 0:
-            raise ConfigError(f"[{where}] release_margin_s must be a number >= 0 (seconds), "
-                              f"got {self.release_margin_s!r}")
-        parts = str(self.what).split(":") if isinstance(self.what, str) else []
-        if not parts or any(p not in ("sleep", "shutdown") for p in parts):
-            raise ConfigError(f'[{where}] what must be "sleep", "shutdown" or "sleep:shutdown", got {self.what!r}')
+    def __post_init__(self, where: str) -> None:
+        # Built directly or by dataclasses.replace: checked exactly as if read from job.toml.
+        _read_logind_keys(Section(f"[{where}]", asdict(self)))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, where: str = "logind") -> "LogindConfig":
-        d = dict(d or {})
-        known = list(cls.__dataclass_fields__)
-        for key in d:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f'did you mean "{close[0]}"?' if close else "valid keys: " + ", ".join(known)
-                raise ConfigError(f'[{where}] unknown key "{key}": {hint}')
-        obj = cls.__new__(cls)
-        for f in known:
-            object.__setattr__(obj, f, d.get(f, cls.__dataclass_fields__[f].default))
-        obj._check(where)
-        if isinstance(obj.release_margin_s, int):
-            object.__setattr__(obj, "release_margin_s", float(obj.release_margin_s))
-        return obj
+    def from_dict(cls, d: Mapping[str, Any], where: str = "logind") -> "LogindConfig":
+        """Build from the parsed `[logind]` table; JobConfigError names `[logind] key` and the fix."""
+        s = Section(f"[{where}]", d)
+        values = _read_logind_keys(s)
+        s.done()
+        return cls(**values, where=where)
+
+
+def _read_logind_keys(s: Section) -> dict[str, Any]:
+    """Every [logind] key, checked; LogindConfig's defaults for those left out."""
+    d = LogindConfig
+    values = dict(
+        enabled=s.bool("enabled", d.enabled),
+        release_margin_s=s.float("release_margin_s", d.release_margin_s, low=0, hint=" (seconds)"),
+        what=s.str("what", d.what),
+    )
+    if any(part not in ("sleep", "shutdown") for part in values["what"].split(":")):
+        s.fail(f'must be "sleep", "shutdown" or "sleep:shutdown", got {values["what"]!r}', "what")
+    return values
 
 
 class LogindWatcher:

@@ -25,13 +25,13 @@ Policy:
 
 from __future__ import annotations
 
-import difflib
 import enum
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import InitVar, asdict, dataclass, field, replace
 from typing import Any, Mapping, Protocol
 
+from supervisor.config import Section
 from supervisor.watch import Action, Decision
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,6 @@ DEFAULT_SYSFS_ROOT = "/sys/class/power_supply"
 
 ADAPTER_TYPES = frozenset({"Mains", "USB"})
 ON_BATTERY_ACTIONS = ("continue", "pause", "stop")
-
-
-class ConfigError(ValueError):
-    """A bad value in job.toml; the message names the key path and the fix."""
 
 
 # --------------------------------------------------------------------------- config
@@ -59,63 +55,39 @@ class PowerConfig:
     resume_percent: float = 20.0  # restart after a low-battery stop only from here
     poll_interval_s: float = 2.0
     sysfs_root: str = DEFAULT_SYSFS_ROOT
+    where: InitVar[str] = "power"
 
-    def __post_init__(self) -> None:
-        _check_config(self, "power")
+    def __post_init__(self, where: str) -> None:
+        # Built directly or by dataclasses.replace: checked exactly as if read from job.toml.
+        s = Section(f"[{where}]", asdict(self))
+        _check_power_keys_together(_read_power_keys(s), s)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, where: str = "power") -> "PowerConfig":
-        """Build from a parsed TOML table; every error names `[where] key` and the fix."""
-        d = dict(d or {})
-        known = [f for f in cls.__dataclass_fields__]
-        for key in d:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f'did you mean "{close[0]}"?' if close else "valid keys: " + ", ".join(known)
-                raise ConfigError(f'[{where}] unknown key "{key}": {hint}')
-        _expect(where, "enabled", d.get("enabled", True), bool, "true or false")
-        _expect(where, "on_battery", d.get("on_battery", "continue"), str, '"continue", "pause" or "stop"')
-        for key in ("min_percent", "resume_percent", "poll_interval_s"):
-            if key in d:
-                _expect(where, key, d[key], (int, float), "a number")
-        _expect(where, "sysfs_root", d.get("sysfs_root", DEFAULT_SYSFS_ROOT), str, "a directory path")
-        kwargs = {k: (float(v) if k in ("min_percent", "resume_percent", "poll_interval_s") else v)
-                  for k, v in d.items()}
-        obj = cls.__new__(cls)
-        # Validate with the caller's `where` so messages name the right section.
-        for f in known:
-            object.__setattr__(obj, f, kwargs.get(f, cls.__dataclass_fields__[f].default))
-        _check_config(obj, where)
-        return obj
+    def from_dict(cls, d: Mapping[str, Any], where: str = "power") -> "PowerConfig":
+        """Build from the parsed `[power]` table; JobConfigError names `[power] key` and the fix."""
+        s = Section(f"[{where}]", d)
+        values = _read_power_keys(s)
+        s.done()
+        return cls(**values, where=where)  # __post_init__ checks the keys together
 
 
-def _expect(where: str, key: str, value: Any, types: Any, what: str) -> None:
-    # bool is an int in Python: `min_percent = true` must not read as 1.
-    ok = isinstance(value, types) and not (types is not bool and isinstance(value, bool))
-    if not ok:
-        raise ConfigError(f"[{where}] {key} must be {what}, got {value!r}")
+def _read_power_keys(s: Section) -> dict[str, Any]:
+    """Every [power] key, type- and range-checked; PowerConfig's defaults for those left out."""
+    d, percent = PowerConfig, " (percent of battery charge)"
+    return dict(
+        enabled=s.bool("enabled", d.enabled),
+        on_battery=s.str("on_battery", d.on_battery, choices=ON_BATTERY_ACTIONS),
+        min_percent=s.float("min_percent", d.min_percent, low=0, high=100, hint=percent),
+        resume_percent=s.float("resume_percent", d.resume_percent, low=0, high=100, hint=percent),
+        poll_interval_s=s.float("poll_interval_s", d.poll_interval_s, low=0, low_open=True, hint=" (seconds)"),
+        sysfs_root=s.str("sysfs_root", d.sysfs_root, nonempty=True, hint=f' (a directory, e.g. "{DEFAULT_SYSFS_ROOT}")'),
+    )
 
 
-def _check_config(c: PowerConfig, where: str) -> None:
-    if c.on_battery not in ON_BATTERY_ACTIONS:
-        close = difflib.get_close_matches(str(c.on_battery), ON_BATTERY_ACTIONS, n=1)
-        hint = f' (did you mean "{close[0]}"?)' if close else ""
-        raise ConfigError(
-            f'[{where}] on_battery must be "continue", "pause" or "stop", got {c.on_battery!r}{hint}'
-        )
-    if not 0 <= c.min_percent <= 100:
-        raise ConfigError(f"[{where}] min_percent must be between 0 and 100, got {c.min_percent:g}")
-    if not 0 <= c.resume_percent <= 100:
-        raise ConfigError(f"[{where}] resume_percent must be between 0 and 100, got {c.resume_percent:g}")
-    if c.resume_percent <= c.min_percent:
-        raise ConfigError(
-            f"[{where}] resume_percent ({c.resume_percent:g}) must be above min_percent "
-            f"({c.min_percent:g}); e.g. resume_percent = {min(100.0, c.min_percent + 10):g}"
-        )
-    if not c.poll_interval_s > 0:
-        raise ConfigError(f"[{where}] poll_interval_s must be > 0, got {c.poll_interval_s:g}")
-    if not c.sysfs_root:
-        raise ConfigError(f'[{where}] sysfs_root must be a directory path, e.g. "{DEFAULT_SYSFS_ROOT}"')
+def _check_power_keys_together(v: Mapping[str, Any], s: Section) -> None:
+    if v["resume_percent"] <= v["min_percent"]:
+        s.fail(f"must be above min_percent ({v['min_percent']:g}), got {v['resume_percent']:g}; "
+               f"e.g. resume_percent = {min(100.0, v['min_percent'] + 10):g}", "resume_percent")
 
 
 # --------------------------------------------------------------------------- reading

@@ -18,17 +18,12 @@ produces one transition, not a flapping stream.
 
 from __future__ import annotations
 
-import difflib
 import enum
-import math
 from dataclasses import InitVar, dataclass, fields, replace
 from typing import Any, Iterable, Mapping, Sequence
 
+from supervisor.config import Section
 from supervisor.watch import Action, Decision
-
-
-class ConfigError(ValueError):
-    """A bad `[gpu]` value; the message names the key path and the fix."""
 
 
 # Names for the bits of nvmlDeviceGetCurrentClocksEventReasons (nvml.h,
@@ -96,131 +91,60 @@ class GpuConfig:
     where: InitVar[str] = "gpu"
 
     def __post_init__(self, where: str) -> None:
-        _validate(self, where)
+        # Built directly or by dataclasses.replace: checked exactly as if read from job.toml.
+        s = Section(f"[{where}]", self.to_dict())
+        _check_gpu_keys_together(_read_gpu_keys(s), s)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "gpu") -> "GpuConfig":
-        """Build from the parsed `[gpu]` table; raise ConfigError naming the key and the fix."""
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"[{where}] must be a table (e.g. `[gpu]` with `pause_c = 85`), got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        values: dict[str, Any] = {}
-        for key, value in d.items():
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(
-                    f"[{where}] unknown key {key!r}{hint} (known keys: {', '.join(known)})"
-                )
-            values[key] = _coerce(where, key, value)
-        return cls(**values, where=where)
+        """Build from the parsed `[gpu]` table; JobConfigError names `[gpu] key` and the fix."""
+        s = Section(f"[{where}]", d)
+        values = _read_gpu_keys(s)
+        s.done()
+        return cls(**values, where=where)  # __post_init__ checks the keys together
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON/TOML-able form (for the manifest, `trainsup validate`, status); None left out."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-        out["throttle_notice"] = list(self.throttle_notice)
-        return out
+        """The `[gpu]` table that reads back as this config (None left out, tuples as lists)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
 
 
-_BOOL_KEYS = {"enabled", "oom_recovery"}
-_FLOAT_KEYS = {
-    "poll_interval_s", "pause_c", "resume_c", "stop_c",
-    "vram_warn_fraction", "vram_rearm_margin", "throttle_rearm_s",
-}
-_EXAMPLES = {
-    "poll_interval_s": "2.0",
-    "pause_c": "85",
-    "resume_c": "75",
-    "stop_c": "92",
-    "vram_warn_fraction": "0.95",
-    "vram_rearm_margin": "0.05",
-    "throttle_rearm_s": "60",
-    "oom_min_micro_batch": "1",
-    "backend": '"auto"',
-    "fake_script": '"gpu-script.toml"',
-    "throttle_notice": '["hw_thermal", "hw_power_brake"]',
-}
+def _read_gpu_keys(s: Section) -> dict[str, Any]:
+    """Every [gpu] key, type- and range-checked; GpuConfig's defaults for those left out."""
+    d, celsius = GpuConfig, " (degrees Celsius)"
+    return dict(
+        enabled=s.bool("enabled", d.enabled),
+        backend=s.str("backend", d.backend, choices=BACKENDS),
+        fake_script=s.str("fake_script", d.fake_script, nonempty=True,
+                          hint=' (the path of a JSON or TOML script of readings, e.g. "gpu.json")'),
+        poll_interval_s=s.float("poll_interval_s", d.poll_interval_s, low=0.1, high=3600, hint=" (seconds)"),
+        pause_c=s.float("pause_c", d.pause_c, low=0, high=150, low_open=True, hint=celsius),
+        resume_c=s.float("resume_c", d.resume_c, low=0, high=150, low_open=True, hint=celsius),
+        stop_c=s.float("stop_c", d.stop_c, low=0, high=150, low_open=True, hint=celsius),
+        vram_warn_fraction=s.float("vram_warn_fraction", d.vram_warn_fraction, low=0, high=1, low_open=True,
+                                   hint=" (a fraction of VRAM, e.g. 0.95)"),
+        vram_rearm_margin=s.float("vram_rearm_margin", d.vram_rearm_margin, low=0, hint=" (a fraction of VRAM)"),
+        throttle_notice=s.str_list("throttle_notice", d.throttle_notice, choices=THROTTLE_NAMES,
+                                   example='["hw_thermal", "hw_power_brake"]'),
+        throttle_rearm_s=s.float("throttle_rearm_s", d.throttle_rearm_s, low=0, hint=" (seconds)"),
+        oom_recovery=s.bool("oom_recovery", d.oom_recovery),
+        oom_min_micro_batch=s.int("oom_min_micro_batch", d.oom_min_micro_batch, low=1, hint=" (samples per rank)"),
+    )
 
 
-def _coerce(where: str, key: str, value: Any) -> Any:
-    """Type check one key read from TOML/JSON; ints are accepted where floats are."""
-    def bad(kind: str) -> ConfigError:
-        example = _EXAMPLES.get(key, "true" if key in _BOOL_KEYS else "")
-        return ConfigError(f"[{where}] {key} must be {kind} (e.g. {key} = {example}), got {value!r}")
-
-    if key in _BOOL_KEYS:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if key in _FLOAT_KEYS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        return float(value)
-    if key == "oom_min_micro_batch":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if key in ("backend",):
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    if key == "fake_script":
-        if not isinstance(value, str) or not value:
-            raise bad("a path string")
-        return value
-    if key == "throttle_notice":
-        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise bad("a list of strings")
-        return tuple(value)
-    return value
-
-
-def _validate(c: GpuConfig, where: str) -> None:
-    p = f"[{where}]"
-    for key in _BOOL_KEYS:
-        if not isinstance(getattr(c, key), bool):
-            raise ConfigError(f"{p} {key} must be true or false, got {getattr(c, key)!r}")
-    for key in _FLOAT_KEYS:
-        v = getattr(c, key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ConfigError(f"{p} {key} must be a finite number (e.g. {key} = {_EXAMPLES[key]}), got {v!r}")
-    if c.backend not in BACKENDS:
-        close = difflib.get_close_matches(str(c.backend), BACKENDS, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{p} backend must be one of {', '.join(repr(b) for b in BACKENDS)}{hint}, got {c.backend!r}")
-    if c.backend == "fake" and not c.fake_script:
-        raise ConfigError(f'{p} backend = "fake" needs fake_script = "PATH" (a JSON or TOML script of readings)')
-    if c.backend == "nvml" and c.fake_script:
-        raise ConfigError(f'{p} fake_script is only read with backend = "fake" or "auto"; remove it or change backend, got backend = "nvml"')
-    if not 0.1 <= c.poll_interval_s <= 3600:
-        raise ConfigError(f"{p} poll_interval_s must be between 0.1 and 3600 seconds, got {c.poll_interval_s!r}")
-    for key in ("pause_c", "resume_c", "stop_c"):
-        v = getattr(c, key)
-        if not 0 < v < 150:
-            raise ConfigError(f"{p} {key} must be a temperature in Celsius between 0 and 150, got {v!r}")
-    if not c.resume_c < c.pause_c:
-        raise ConfigError(f"{p} resume_c must be below pause_c ({_num(c.pause_c)}), got {_num(c.resume_c)}")
-    if not c.pause_c <= c.stop_c:
-        raise ConfigError(f"{p} stop_c must be at or above pause_c ({_num(c.pause_c)}), got {_num(c.stop_c)}")
-    if not 0 < c.vram_warn_fraction <= 1:
-        raise ConfigError(f"{p} vram_warn_fraction must be in (0, 1], e.g. 0.95 for 95% of VRAM, got {c.vram_warn_fraction!r}")
-    if not 0 <= c.vram_rearm_margin < c.vram_warn_fraction:
-        raise ConfigError(
-            f"{p} vram_rearm_margin must be >= 0 and below vram_warn_fraction ({c.vram_warn_fraction}), got {c.vram_rearm_margin!r}"
-        )
-    if c.throttle_rearm_s < 0:
-        raise ConfigError(f"{p} throttle_rearm_s must be >= 0 seconds, got {c.throttle_rearm_s!r}")
-    if isinstance(c.oom_min_micro_batch, bool) or not isinstance(c.oom_min_micro_batch, int) or c.oom_min_micro_batch < 1:
-        raise ConfigError(f"{p} oom_min_micro_batch must be an integer >= 1, got {c.oom_min_micro_batch!r}")
-    if isinstance(c.throttle_notice, str) or not isinstance(c.throttle_notice, tuple):
-        raise ConfigError(f"{p} throttle_notice must be a list of reason names, got {c.throttle_notice!r}")
-    for name in c.throttle_notice:
-        if name not in THROTTLE_NAMES:
-            close = difflib.get_close_matches(str(name), sorted(THROTTLE_NAMES), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"{p} throttle_notice has unknown reason {name!r}{hint} (known: {', '.join(sorted(THROTTLE_NAMES))})"
-            )
+def _check_gpu_keys_together(v: Mapping[str, Any], s: Section) -> None:
+    if v["backend"] == "fake" and not v["fake_script"]:
+        s.fail('= "fake" needs fake_script = "PATH" (a JSON or TOML script of readings)', "backend")
+    if v["backend"] == "nvml" and v["fake_script"]:
+        s.fail('is only read with backend = "fake" or "auto"; remove it or change backend, got backend = "nvml"',
+               "fake_script")
+    if not v["resume_c"] < v["pause_c"]:
+        s.fail(f"must be below pause_c ({_num(v['pause_c'])}), got {_num(v['resume_c'])}", "resume_c")
+    if not v["pause_c"] <= v["stop_c"]:
+        s.fail(f"must be at or above pause_c ({_num(v['pause_c'])}), got {_num(v['stop_c'])}", "stop_c")
+    if not v["vram_rearm_margin"] < v["vram_warn_fraction"]:
+        s.fail(f"must be below vram_warn_fraction ({v['vram_warn_fraction']}), got {v['vram_rearm_margin']}",
+               "vram_rearm_margin")
 
 
 def _num(x: float) -> str:
