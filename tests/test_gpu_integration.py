@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.cli.run import format_gpu_status
+from supervisor.cli.status import format_gpu_status
 from supervisor_helpers import (
     finish,
     REPO,

@@ -29,7 +29,7 @@ import pytest
 from click.testing import CliRunner
 
 from supervisor.cli import main
-from supervisor.cli.run import Console, SupervisorLog
+from supervisor.cli.console import Console, SupervisorLog
 from supervisor.config import load_job
 from supervisor.errors import UserError
 from supervisor.runner import Runner, State

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from supervisor.runner import launch as L
 from supervisor.runner import procs
 from supervisor.cli import main
-from supervisor.cli.run import Console, collect_status
+from supervisor.cli.console import Console
+from supervisor.cli.status import collect_status
 from supervisor.config import load_job
 from supervisor.errors import LockedError
 from supervisor.events import EventLog, read_events
@@ -368,7 +369,7 @@ def test_read_events_skips_torn_line(tmp_path):
 
 
 def test_watcher_status_lines():
-    from supervisor.cli.run import watcher_summary
+    from supervisor.cli.status import watcher_summary
 
     assert watcher_summary({"available": False, "reason": "no D-Bus system bus"}) == "unavailable: no D-Bus system bus"
     assert watcher_summary({"summary": "on battery 40%", "blocking": "on battery"}) == \

@@ -287,6 +287,41 @@ def prune_cmd(target: str, keep_last: int | None, keep_best: int | None, best_me
 
 def _prune(run_dir: Path, store: CheckpointStore, ckpts: list[Checkpoint], policy: RetentionPolicy,
            remove_invalid: bool, dry_run: bool, as_json: bool) -> None:
+    doomed, kept = _prune_plan(store, ckpts, policy, remove_invalid)
+    sizes = {c.path: c.size_bytes for c in doomed}  # before they are gone
+    if not dry_run:
+        _remove_all(store, doomed)
+    freed = sum(sizes.values())
+    if as_json:
+        click.echo(json.dumps({
+            "run_dir": str(run_dir),
+            "dry_run": dry_run,
+            "policy": dataclasses.asdict(policy),
+            "remove_invalid": remove_invalid,
+            "removed": [{"step": c.step, "name": c.path.name, "valid": c.valid, "why": _why_removed(c),
+                         "size_bytes": sizes[c.path]} for c in doomed],
+            "kept": [{"step": c.step, "name": c.path.name, "valid": c.valid, "why": why} for c, why in kept],
+            "removed_bytes": freed,
+        }, indent=2, allow_nan=False))
+        return
+    click.echo(f"Policy: {_policy_line(policy)}")
+    verb = "would remove" if dry_run else "removed"
+    rows = [(verb, c.path.name, _why_removed(c)) for c in doomed]
+    rows += [("kept", c.path.name, ", ".join(why)) for c, why in kept]
+    rows.sort(key=lambda r: r[1])
+    for line in _table(("ACTION", "CHECKPOINT", "WHY"), rows, right=set()):
+        click.echo(line)
+    n = len(doomed)
+    noun = f"{n} checkpoint{'s' if n != 1 else ''} ({fmt_size(freed)})"
+    if dry_run:
+        click.echo(f"Dry run: would remove {noun}, keep {len(kept)}; nothing was deleted.")
+    else:
+        click.echo(f"Removed {noun}; kept {len(kept)}.")
+
+
+def _prune_plan(store: CheckpointStore, ckpts: list[Checkpoint], policy: RetentionPolicy,
+                remove_invalid: bool) -> tuple[list[Checkpoint], list[tuple[Checkpoint, list[str]]]]:
+    """(checkpoints to remove, [(checkpoint kept, why)])."""
     plan = plan_retention(policy, [Entry(c.step, c.valid, c.metrics, c.reason or "") for c in ckpts],
                           remove_invalid=remove_invalid)
     doomed_steps = set(plan.delete)
@@ -307,44 +342,20 @@ def _prune(run_dir: Path, store: CheckpointStore, ckpts: list[Checkpoint], polic
             doomed.append(c)  # a duplicate of a kept step is not the one that is kept
         else:
             kept.append((c, [f"invalid ({c.problem}): pass --invalid to remove it"]))
+    return doomed, kept
 
-    def why_removed(c: Checkpoint) -> str:
-        return "not kept by any rule" if c.valid else f"invalid ({c.problem}), --invalid given"
 
-    sizes = {c.path: c.size_bytes for c in doomed}  # before they are gone
+def _why_removed(c: Checkpoint) -> str:
+    return "not kept by any rule" if c.valid else f"invalid ({c.problem}), --invalid given"
+
+
+def _remove_all(store: CheckpointStore, doomed: list[Checkpoint]) -> None:
     removed: list[Checkpoint] = []
-    if not dry_run:
-        for c in doomed:
-            try:
-                store.remove(c)
-            except OSError as e:
-                done = ", ".join(str(r.step) for r in removed) or "none"
-                raise UserError(f"{c.path}: cannot remove: {e.strerror or e}; fix its permissions and run prune "
-                                f"again (already removed: {done})") from None
-            removed.append(c)
-    freed = sum(sizes.values())
-    if as_json:
-        click.echo(json.dumps({
-            "run_dir": str(run_dir),
-            "dry_run": dry_run,
-            "policy": dataclasses.asdict(policy),
-            "remove_invalid": remove_invalid,
-            "removed": [{"step": c.step, "name": c.path.name, "valid": c.valid, "why": why_removed(c),
-                         "size_bytes": sizes[c.path]} for c in doomed],
-            "kept": [{"step": c.step, "name": c.path.name, "valid": c.valid, "why": why} for c, why in kept],
-            "removed_bytes": freed,
-        }, indent=2, allow_nan=False))
-        return
-    click.echo(f"Policy: {_policy_line(policy)}")
-    verb = "would remove" if dry_run else "removed"
-    rows = [(verb, c.path.name, why_removed(c)) for c in doomed]
-    rows += [("kept", c.path.name, ", ".join(why)) for c, why in kept]
-    rows.sort(key=lambda r: r[1])
-    for line in _table(("ACTION", "CHECKPOINT", "WHY"), rows, right=set()):
-        click.echo(line)
-    n = len(doomed)
-    noun = f"{n} checkpoint{'s' if n != 1 else ''} ({fmt_size(freed)})"
-    if dry_run:
-        click.echo(f"Dry run: would remove {noun}, keep {len(kept)}; nothing was deleted.")
-    else:
-        click.echo(f"Removed {noun}; kept {len(kept)}.")
+    for c in doomed:
+        try:
+            store.remove(c)
+        except OSError as e:
+            done = ", ".join(str(r.step) for r in removed) or "none"
+            raise UserError(f"{c.path}: cannot remove: {e.strerror or e}; fix its permissions and run prune "
+                            f"again (already removed: {done})") from None
+        removed.append(c)
