@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/bench_agreement.py --nproc 1  # no collective at all (baseline)
 
 Every optimizer step, TrainSession all_reduces (MAX) one int64[3] tensor [stop, pause,
-save_seq] so that all ranks act at the same step (facts.md: ranks that disagree deadlock).
+save_seq] so that all ranks act at the same step (docs/platform.md: ranks that disagree deadlock).
 This measures that call (session._agree(), as the loop makes it) and a DDP training step of
 the examples/gpt model at ~2M parameters (batch 8, block 64) on the same 2 ranks, in one run.
 Target (issue 3): agreement < 1% of a step.

@@ -1,4 +1,4 @@
-"""User-facing errors of the `trainsup` command and their exit codes (design.md)."""
+"""User-facing errors of the `trainsup` command (the exit codes: train_core.contract, docs/contract.md)."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ def test_there_are_units() -> None:
 @pytest.mark.parametrize("user", [True, False], ids=["user", "system"])
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
 def test_systemd_analyze_verify_is_silent(tmp_path: Path, unit: Path, user: bool) -> None:
-    # verify exits 0 on warnings such as a misspelt key (facts.md): any output fails.
+    # verify exits 0 on warnings such as a misspelt key (docs/platform.md, "systemd"): any output fails.
     proc = verify(tmp_path, unit, user)
     assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
 

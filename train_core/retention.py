@@ -1,6 +1,6 @@
 """Which checkpoints to keep: a pure function of a policy and what is on disk.
 
-Rules combine as a union (design.md): a checkpoint stays when ANY rule keeps it.
+Rules combine as a union (docs/format.md, "Retention"): a checkpoint stays when ANY rule keeps it.
 `keep_last` newest N valid, `keep_best` K best by `best_metric`, `keep_every` steps that
 are multiples of M, and final saves. Never deleted, whatever the policy says: the newest
 valid checkpoint, the `protected` steps (the one the current attempt resumed from), and

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# Environment contract (design.md): names may grow, never change.
+# Environment contract (docs/contract.md, "Environment"): names may grow, never change.
 ENV_RUN_DIR = "TRAINSUP_RUN_DIR"
 ENV_CHECKPOINT_DIR = "TRAINSUP_CHECKPOINT_DIR"
 ENV_RESUME_FROM = "TRAINSUP_RESUME_FROM"

@@ -1,6 +1,6 @@
 """Stop requests by signal: the handler only records, the training loop acts.
 
-facts.md: a handler that does I/O can crash on a second signal ("reentrant call"), so
+docs/platform.md ("Signal handlers"): a handler that does I/O can crash on a second signal ("reentrant call"), so
 `StopFlag`'s handler stores the signal number and returns. A second (third, ...) signal
 while the first is being handled changes nothing: the save already under way goes on.
 

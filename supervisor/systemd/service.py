@@ -80,7 +80,7 @@ TimeoutStopSec=90s
 # restarts with backoff); the default OOMPolicy=stop would stop the whole unit.
 OOMPolicy=continue
 
-# Exit codes (design.md): 75 = stopped on request with a checkpoint saved: a
+# Exit codes (docs/contract.md): 75 = stopped on request with a checkpoint saved: a
 # clean stop, never restarted. 2 = bad job/config, 3 = gave up (restart budget
 # or no progress), 4 = run dir locked by another supervisor: restarting cannot
 # help. Anything else (1 = internal error, a crash, a signal, the watchdog):

@@ -57,7 +57,7 @@ flags = {"stop": False, "hung": False}
 state = {"step": 0, "state": "starting", "w": [0.0] * 8, "last_ckpt": None}
 
 
-def on_signal(signum, frame):  # flag only (facts.md: no I/O in handlers)
+def on_signal(signum, frame):  # flag only (docs/platform.md: no I/O in handlers)
     flags["stop"] = True
 
 
