@@ -1,4 +1,4 @@
-"""What the supervisor's watchers (GPU, power, logind) tell its main loop.
+"""What the supervisor's watchers (GPU, power, logind, disk) tell its main loop.
 
 A watcher turns readings of the outside world into `Decision`s. The supervisor's
 loop calls `poll(now)` about once a second, acts on the decisions, and tells the

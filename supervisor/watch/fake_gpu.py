@@ -173,7 +173,7 @@ class FakeGpuBackend:
         self.script = script
         self.start_s = start_s
         self.clock = clock
-        self.reads = 0  # for tests and the benchmark
+        self.reads = 0  # how many reads the watcher made (tests count them)
 
     def open(self) -> None:
         pass

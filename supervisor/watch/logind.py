@@ -136,7 +136,6 @@ class LogindWatcher:
         self.available: bool | None = None  # None until the thread has tried
         self.unavailable_reason: str | None = None
         self.delay_max_s: float | None = None
-        self.login1_owner: str | None = None
         self._lock_fd: int | None = None
         self._lock_error: str | None = None
         self._pending: str | None = None  # "sleep" | "shutdown" while logind is waiting on us
@@ -361,7 +360,6 @@ class LogindWatcher:
         except DBusErrorResponse as e:
             self._set_unavailable(f"logind ({LOGIN1_NAME}) is not on the system bus ({e.name})")
             return
-        self.login1_owner = owner
         rule = MatchRule(type="signal", sender=owner, interface=LOGIN1_MANAGER, path=LOGIN1_PATH)
         bus.AddMatch(rule)
         signals: deque = deque()

@@ -1,8 +1,9 @@
 """The supervisor's watchers, wired in one place: the job.toml sections `[gpu]`, `[power]`,
 `[logind]` and the watcher each one builds, and the disk-space watcher (no section).
 
-`supervisor.config` fills its SECTION_PARSERS from `SECTIONS`, and `supervisor.runner`
-its WATCHER_FACTORIES from `WATCHERS`. Every import of a watcher module happens inside a
+`supervisor.config` fills its SECTION_PARSERS from `SECTIONS` (each parser reads its table
+through supervisor.config.Section), and `supervisor.runner.watchers` its WATCHER_FACTORIES
+from `WATCHERS`. Every import of a watcher module happens inside a
 function, so `trainsup --help` pays for none of them.
 """
 
