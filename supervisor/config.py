@@ -1,8 +1,8 @@
 """job.toml -> frozen dataclasses. The ONE module of trainsup that reads TOML.
 
 Every problem is one line that names the key path and the fix, e.g.
-`job.toml: [restart] max_restarts must be an integer >= 0, got -1`, raised as
-`JobConfigError` (a click exception: exit 2 from any command).
+`job.toml: [restart] max_restarts must be >= 0 (0: never restart), got -1`, raised as
+`JobConfigError` (a click exception: exit 2 from any command). Every table is read by `Section`.
 
 Relative paths (script, run_dir, config_file) resolve against the job file's directory,
 so a job runs the same from any working directory.
