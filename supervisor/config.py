@@ -30,6 +30,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, NoReturn
 
 from supervisor.watch import registry as extensions
+from supervisor import rundir
 from supervisor.errors import UserError
 from train_core.retention import RetentionError, RetentionPolicy
 from train_core.runfiles import ENV_SAVE_SIGNAL
@@ -52,8 +53,6 @@ LAUNCHERS = ("accelerate", "python")
 # SIGSTOP cannot be caught; the others are also sent by the kernel, a terminal or a library
 # (SIGCHLD when a DataLoader worker exits, SIGSEGV on a crash, SIGALRM for timers, ...).
 SAVE_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "SIGTERM")
-_RUN_DIR_FIX = "use a dedicated directory such as runs/NAME"
-_RUN_DIR_WHY = f"a run dir is made private (mode 0700) and pruned: {_RUN_DIR_FIX}"
 
 
 # --------------------------------------------------------------------------- sections
@@ -167,28 +166,9 @@ def check_save_signal(value: str, where: str) -> signal.Signals:
 
 
 def _check_run_dir(run_dir: Path, where: str) -> None:
-    """Refuse a run dir that would be disastrous to chmod 0700 and prune: /, ~, a file."""
-    if "\x00" in str(run_dir):
-        raise JobConfigError(f"{where} {str(run_dir)!r} contains a NUL byte; {_RUN_DIR_FIX}")
-    real = run_dir.resolve()
-    if real == Path(real.anchor):
-        raise JobConfigError(f"{where} {run_dir} is the root directory; {_RUN_DIR_WHY}")
-    try:
-        home = Path.home().resolve()
-    except (RuntimeError, KeyError, OSError):  # no HOME and no passwd entry
-        home = None
-    if home is not None and real == home:
-        raise JobConfigError(f"{where} {run_dir} is your home directory; {_RUN_DIR_WHY}")
-    if home is not None and real in home.parents:
-        raise JobConfigError(f"{where} {run_dir} contains your home directory {home}; {_RUN_DIR_WHY}")
-    # The run dir, or the first part of it that exists, must be a directory (mkdir fails under a file).
-    for p in (run_dir, *run_dir.parents):
-        if p.exists() or p.is_symlink():
-            if not p.is_dir():
-                kind = "a file, not a directory" if p.is_file() else "not a directory"
-                what = "is" if p == run_dir else f"is inside {p}, which is"
-                raise JobConfigError(f"{where} {run_dir} {what} {kind}; {_RUN_DIR_FIX}")
-            break
+    problem = rundir.run_dir_path_problem(run_dir)
+    if problem:
+        raise JobConfigError(f"{where} {problem}")
 
 
 # --------------------------------------------------------------------------- reading tables

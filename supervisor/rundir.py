@@ -39,6 +39,37 @@ OWN_ENTRIES = ("checkpoints", "ranks", "logs", "control.json", "status.json", "s
                "job.lock", "job.lock.pid")
 
 
+RUN_DIR_FIX = "use a dedicated directory such as runs/NAME"
+RUN_DIR_WHY = f"a run dir is made private (mode 0700) and pruned: {RUN_DIR_FIX}"
+
+
+def run_dir_path_problem(run_dir: Path) -> str | None:
+    """Why `run_dir` must not be one (it would be disastrous to chmod 0700 and prune: /, ~, a
+    file), as "PATH is ...; the fix"; None when it may be."""
+    if "\x00" in str(run_dir):
+        return f"{str(run_dir)!r} contains a NUL byte; {RUN_DIR_FIX}"
+    real = run_dir.resolve()
+    if real == Path(real.anchor):
+        return f"{run_dir} is the root directory; {RUN_DIR_WHY}"
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError, OSError):  # no HOME and no passwd entry
+        home = None
+    if home is not None and real == home:
+        return f"{run_dir} is your home directory; {RUN_DIR_WHY}"
+    if home is not None and real in home.parents:
+        return f"{run_dir} contains your home directory {home}; {RUN_DIR_WHY}"
+    # The run dir, or the first part of it that exists, must be a directory (mkdir fails under a file).
+    for p in (run_dir, *run_dir.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                kind = "a file, not a directory" if p.is_file() else "not a directory"
+                what = "is" if p == run_dir else f"is inside {p}, which is"
+                return f"{run_dir} {what} {kind}; {RUN_DIR_FIX}"
+            break
+    return None
+
+
 def _mode(st: os.stat_result) -> str:
     return f"{stat.S_IMODE(st.st_mode):04o}"
 

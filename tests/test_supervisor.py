@@ -22,7 +22,7 @@ from supervisor.config import load_job
 from supervisor.errors import LockedError
 from supervisor.events import EventLog, read_events
 from supervisor.rundir import acquire_run_lock
-from supervisor.runner import Runner, State, TransitionError
+from supervisor.runner import Runner, State
 from supervisor.watch import Action, Decision
 from supervisor_helpers import QuietWatcher, events, read_json, run_processes, write_job
 from train_core import runfiles
@@ -185,15 +185,6 @@ def test_retention_prunes_after_commits_keeping_resume_source(tmp_path):
     steps = [c.step for c in CheckpointStore(job.run_dir / "checkpoints").scan()]
     assert steps[-1] == 60 and len(steps) <= 3  # keep_last=2 (+ final kept by keep_final)
     assert any(e["event"] == "prune" for e in events(job.run_dir))
-
-
-def test_illegal_transition_is_refused(tmp_path):
-    job = fast_job(tmp_path, ["--steps", "1"])
-    r = Runner(job, install_signals=False)
-    r.events = EventLog(tmp_path / "ev.jsonl")
-    r.state = State.BACKOFF
-    with pytest.raises(TransitionError, match="illegal transition State.BACKOFF -> State.RUNNING"):
-        r._transition(State.RUNNING, 0.0, "test")
 
 
 def test_run_lock_names_the_holder(tmp_path):
