@@ -3,7 +3,7 @@
 A watcher turns readings of the outside world into `Decision`s. The supervisor's
 loop calls `poll(now)` about once a second, acts on the decisions, and tells the
 watchers what happened (`on_checkpoint`). Watchers never signal ranks themselves:
-one loop owns the children (style.md: handlers enqueue, the loop dispatches).
+one loop owns the children (docs/architecture.md, "Design rules": handlers enqueue, the loop dispatches).
 
 Contract for implementations:
 - `poll` must return quickly (well under 100 ms): slow I/O (NVML, D-Bus) runs in

@@ -30,7 +30,7 @@ reports it through `on_checkpoint()`, within milliseconds instead of a tick.
 No system bus or no logind -> one warning, one NOTE decision, status
 {"available": false, "reason": ...}, and the run continues.
 
-jeepney trap (facts.md): signals carry the sender's UNIQUE name (":1.7"), so
+jeepney trap (docs/platform.md, "logind"): signals carry the sender's UNIQUE name (":1.7"), so
 both the bus match rule and the local filter use the owner of
 org.freedesktop.login1 from GetNameOwner. That also ignores anyone else
 emitting a look-alike PrepareForSleep.

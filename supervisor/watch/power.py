@@ -1,11 +1,11 @@
 """Power supply: read sysfs-class-power, decide what a laptop run should do.
 
-Three layers (style.md):
+Three layers (docs/architecture.md, "Design rules"):
 - `SysfsPowerSource.read()` is the only I/O: it scans every supply under
   /sys/class/power_supply (root configurable, tests use a fake tree). Adapters
   are recognised by their `type` (Mains or USB), never by name: AC, AC0, ADP1,
   ACAD, USB-C, ucsi-source-psy-USBC000:001 all count. psutil.sensors_battery()
-  only knows AC/AC0 (facts.md), which is why this exists.
+  only knows AC/AC0 (docs/platform.md, "Power supply (sysfs)"), which is why this exists.
 - `decide(config, state, reading)` is a pure function with hysteresis.
 - `PowerWatcher` implements supervisor.watch.Watcher around both.
 

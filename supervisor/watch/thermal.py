@@ -2,7 +2,7 @@
 
 Nothing here does I/O, sleeps or reads a clock: every function takes the readings
 and an explicit `now` and returns the new state plus the decisions for the
-supervisor's loop (style.md, rule 2). `supervisor.watch.gpu.GpuWatcher` feeds these
+supervisor's loop (docs/architecture.md, "Design rules": policies are pure). `supervisor.watch.gpu.GpuWatcher` feeds these
 functions from NVML (supervisor.watch.nvml) or from a scripted fake (supervisor.watch.fake_gpu).
 
 Thermal state machine (hysteresis on the hottest GPU the job uses):
