@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from supervisor.runner.oom import next_batch_shape, oom_give_up_reason
 from supervisor.watch.thermal import (
     THROTTLE_BITS,
     GpuConfig,
@@ -21,8 +22,6 @@ from supervisor.watch.thermal import (
     blocking_reason,
     decode_throttle,
     evaluate,
-    next_batch_shape,
-    oom_give_up_reason,
     thermal_step,
     throttle_step,
     vram_warning_step,

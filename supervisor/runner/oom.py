@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from supervisor.events import read_events
-from supervisor.watch.thermal import GpuConfig, next_batch_shape, oom_give_up_reason
+from supervisor.watch.thermal import GpuConfig
 from train_core import runfiles
 from train_core.store import Checkpoint
 
@@ -116,3 +116,32 @@ def restored_shape(events_path: Path, resume: Checkpoint | None) -> tuple[int, i
 
 def shape_env(micro_batch: int, grad_accum: int) -> dict[str, str]:
     return {runfiles.ENV_MICRO_BATCH: str(micro_batch), runfiles.ENV_GRAD_ACCUM: str(grad_accum)}
+
+
+def next_batch_shape(micro_batch: int, grad_accum: int, floor: int = 1) -> tuple[int, int] | None:
+    """Smaller micro-batch after a CUDA out-of-memory exit, same effective batch.
+
+    Even micro-batch: halve it and double accumulation. Odd micro-batch: halving
+    is not an integer, so take the largest micro-batch <= micro_batch // 2 that
+    divides the effective batch (micro_batch * grad_accum) exactly, e.g. 5 x 2 ->
+    2 x 5, 7 x 1 -> 1 x 7. The effective batch is always exactly preserved and the
+    micro-batch at least halves (a shrink by one sample would likely OOM again and
+    cost another restart). Returns None when no such size >= floor exists: give up.
+    """
+    for name, v, low in (("micro_batch", micro_batch, 1), ("grad_accum", grad_accum, 1), ("floor", floor, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    effective = micro_batch * grad_accum
+    for candidate in range(micro_batch // 2, floor - 1, -1):
+        if effective % candidate == 0:
+            return candidate, effective // candidate
+    return None
+
+
+def oom_give_up_reason(micro_batch: int, grad_accum: int, floor: int = 1) -> str:
+    """The one sentence for events/exit when next_batch_shape returned None."""
+    return (
+        f"CUDA out of memory at micro-batch {micro_batch} (x{grad_accum} accumulation), and no smaller "
+        f"micro-batch >= oom_min_micro_batch {floor} divides the effective batch {micro_batch * grad_accum}: "
+        "giving up; reduce the model or sequence size, or lower [gpu] oom_min_micro_batch"
+    )
