@@ -1,9 +1,10 @@
-"""Pure GPU policies: the `[gpu]` config, the thermal state machine, OOM back-off.
+"""Pure GPU policies: the `[gpu]` config and the thermal state machine (the OOM back-off
+that `[gpu]` configures is supervisor.runner.oom).
 
-Nothing here does I/O, sleeps or reads a clock: every function takes the readings
-and an explicit `now` and returns the new state plus the decisions for the
-supervisor's loop (docs/architecture.md, "Design rules": policies are pure). `supervisor.watch.gpu.GpuWatcher` feeds these
-functions from NVML (supervisor.watch.nvml) or from a scripted fake (supervisor.watch.fake_gpu).
+Nothing here does I/O, sleeps or reads a clock: every function takes the readings and an
+explicit `now` and returns the new state plus the decisions for the supervisor's loop
+(docs/architecture.md, "Design rules": policies are pure). `supervisor.watch.gpu.GpuWatcher`
+feeds these functions from NVML (supervisor.watch.nvml) or a scripted fake (watch.fake_gpu).
 
 Thermal state machine (hysteresis on the hottest GPU the job uses):
 
