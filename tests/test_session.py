@@ -471,3 +471,27 @@ def test_bad_setup_errors_name_the_fix(tmp_path):
             session_mod.TrainSession(acc, max_steps=1, micro_batch=4, run_dir=tmp_path)
     finally:
         del os.environ["TRAINSUP_MICRO_BATCH"]
+
+
+def test_manifest_and_trainer_state_carry_the_same_position(reference):
+    """Both files are written from one Position: every key they share has the same value."""
+    ckpts = CheckpointStore(reference / "checkpoints").scan()
+    assert ckpts
+    for c in ckpts:
+        state = json.loads((c.path / "trainer_state.json").read_text())
+        shared = {"epoch", "batch_in_epoch", "samples_in_epoch", "epoch_complete", "micro_batch", "grad_accum",
+                  "world_size", "tokens_seen", "samples_seen", "registered", "config", "config_fingerprint"}
+        assert {k: c.manifest[k] for k in shared} == {k: state[k] for k in shared}, c.path.name
+        assert c.manifest["step"] == state["global_step"] == c.step
+
+
+def test_collectives_in_one_process_are_the_identity():
+    from train_core.collectives import Collectives
+
+    one = Collectives(1, torch.device("cpu"))
+    assert not one.active
+    box = {"a": 1}
+    assert one.broadcast(box) is box
+    assert one.all_max([0, 3, 1]) == [0, 3, 1] and one.all_sum([2, 5]) == [2, 5]
+    assert one.all_ok(True) and not one.all_ok(False)
+
