@@ -495,3 +495,17 @@ def test_collectives_in_one_process_are_the_identity():
     assert one.all_max([0, 3, 1]) == [0, 3, 1] and one.all_sum([2, 5]) == [2, 5]
     assert one.all_ok(True) and not one.all_ok(False)
 
+
+def test_a_position_this_micro_batch_cannot_reach_is_bad_input_not_a_broken_checkpoint(tmp_path):
+    """6 samples into the epoch cannot be reached with micro_batch 4: ConfigMismatch (exit 2),
+    never resume_failed (which would set a good checkpoint aside); a malformed file is."""
+    from train_core.resume import restore_position
+
+    state = {"global_step": 3, "epoch": 0, "samples_in_epoch": 6, "micro_batch": 2}
+    assert restore_position(tmp_path, state, micro_batch=2, world_size=1).skip_batches == 3
+    with pytest.raises(ConfigMismatch, match="not a multiple of micro_batch"):
+        restore_position(tmp_path, state, micro_batch=4, world_size=1)
+    with pytest.raises(session_mod.ResumeFailed, match="trainer_state.json is malformed"):
+        restore_position(tmp_path, {"global_step": 3}, micro_batch=4, world_size=1)
+    done = restore_position(tmp_path, {**state, "epoch_complete": True}, micro_batch=4, world_size=1)
+    assert (done.epoch, done.skip_batches) == (1, 0)

@@ -249,22 +249,24 @@ class Restored:
 
 def restore_position(path: Path, tstate: Mapping[str, Any], *, micro_batch: int | None,
                      world_size: int) -> Restored:
-    """ResumeFailed for a malformed trainer_state.json."""
+    """ResumeFailed for a malformed trainer_state.json; ConfigMismatch when this run's
+    micro_batch*world_size cannot land on the saved position in the epoch."""
     try:
         global_step, epoch = int(tstate["global_step"]), int(tstate["epoch"])
         samples_in_epoch = int(tstate["samples_in_epoch"])
         per_batch = (micro_batch or tstate.get("micro_batch") or 1) * world_size
-        if tstate.get("epoch_complete"):
-            epoch, skip = epoch + 1, 0
-        elif samples_in_epoch % per_batch:
-            raise ConfigMismatch(
-                f"{path.name} stopped {samples_in_epoch} samples into epoch {epoch}, not a multiple of "
-                f"micro_batch*world_size = {per_batch}: use a micro_batch that divides it", ("micro_batch",)
-            )
-        else:
-            skip = samples_in_epoch // per_batch
+        epoch_complete = bool(tstate.get("epoch_complete"))
         counts = int(tstate.get("tokens_seen", 0)), int(tstate.get("samples_seen", 0))
         metrics = dict(tstate.get("metrics") or {})
+        if epoch_complete:
+            epoch, skip = epoch + 1, 0
+        else:
+            skip, rest = divmod(samples_in_epoch, per_batch)
     except (KeyError, TypeError, ValueError) as e:
         raise ResumeFailed(path, f"{TRAINER_STATE} is malformed: {one_line(e)}") from None
+    if not epoch_complete and rest:
+        raise ConfigMismatch(
+            f"{path.name} stopped {samples_in_epoch} samples into epoch {epoch}, not a multiple of "
+            f"micro_batch*world_size = {per_batch}: use a micro_batch that divides it", ("micro_batch",)
+        )
     return Restored(global_step, epoch, skip, *counts, tstate.get("best_value"), tstate.get("best_step"), metrics)
