@@ -2,7 +2,7 @@
 
 An uninterrupted run and a run stopped 3 times (once mid gradient-accumulation) and resumed
 must end with the same model, EMA and optimizer state, bit for bit: for 1 process and for
-2 CPU ranks talking over gloo (facts.md: ACCELERATE_USE_CPU=1 ... --multi_gpu). Dropout,
+2 CPU ranks talking over gloo (docs/platform.md: ACCELERATE_USE_CPU=1 ... --multi_gpu). Dropout,
 shuffling, grad_accum=3, an LR schedule and an EMA are all on in the toy script.
 
 Stops come from a real SIGUSR1: either the toy sends it to itself at a chosen micro-batch
@@ -168,7 +168,7 @@ def test_external_signal_to_one_rank_pid(tmp_path, ref2):
 
 def test_sigterm_to_process_group_with_dataloader_workers(tmp_path, ref1):
     d = tmp_path / "run"
-    # persistent workers too: facts.md says sys.exit hangs with them unless they are shut down
+    # persistent workers too: docs/platform.md says sys.exit hangs with them unless they are shut down
     proc = _start(d, "--sleep-s", "0.05", "--num-workers", "1", "--persistent-workers", nproc=None)
     try:
         _wait_for_step(d, proc, 2)

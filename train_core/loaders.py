@@ -1,5 +1,6 @@
-"""DataLoaders set up for exact resume (facts.md "Exact resume"): a dedicated generator
-reseeded per epoch, workers that ignore the stop signals, the batch size the session expects.
+"""DataLoaders set up for exact resume (docs/platform.md, "Exact mid-epoch resume"): a
+dedicated generator reseeded per epoch, workers that ignore the stop signals, the batch size
+the session expects.
 
 Randomness inside a Dataset (augmentation) stays exact only when derived from (seed, epoch,
 index): a resumed worker has not seen the skipped items, so its own RNG state differs.
@@ -7,8 +8,8 @@ index): a resumed worker has not seen the skipped items, so its own RNG state di
 Skipping the consumed part of an epoch costs O(batches) index work for map-style datasets
 (the sampler yields indices, no item is loaded; ~0.1 s per 100k batches, bench/bench_save.py).
 An IterableDataset has no sampler: skip_first_batches must READ and discard every consumed
-item, so resume cost grows with the position in the epoch (facts.md: 100k batches of 4 at
-1 ms/item ~ 470 s). For streams, keep epochs short or make the dataset itself resumable.
+item, so resume cost grows with the position in the epoch (docs/platform.md:
+100k batches of 4 at 1 ms/item ~ 470 s). For streams, keep epochs short or make the dataset itself resumable.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def start_epoch(dataloader: Any, *, seed: int, epoch: int, rank: int, skip: int)
     """Seed the sampler and the generator for `epoch`, before its iterator starts (and before
     skip_first_batches skips `skip` batches of it)."""
     if hasattr(dataloader, "set_epoch"):
-        dataloader.set_epoch(epoch)  # before skip_first_batches (facts.md)
+        dataloader.set_epoch(epoch)  # before skip_first_batches (docs/platform.md)
     generator = getattr(dataloader, "generator", None)
     if isinstance(generator, torch.Generator):
         # the worker base seed is drawn from it when the epoch's iterator starts

@@ -23,10 +23,10 @@ $TRAINSUP_RESUME_FROM when set (it wins over the script's choice), else the newe
 checkpoint, else starts fresh; "latest" requires one; a path picks one; None refuses a run dir
 that already has checkpoints. Every rank calls every method (saves and metrics are collective).
 
-What makes resume bitwise exact (facts.md "Exact resume"): set_seed before the model is built
-(the constructor does it), the seedable sampler, a dedicated DataLoader generator reseeded per
-epoch, set_epoch every epoch and before skip_first_batches, and saving only at an optimizer-step
-boundary (accumulated gradients are never saved).
+What makes resume bitwise exact (docs/platform.md, "Exact mid-epoch resume"): set_seed before
+the model is built (the constructor does it), the seedable sampler, a dedicated DataLoader
+generator reseeded per epoch, set_epoch every epoch and before skip_first_batches, and saving
+only at an optimizer-step boundary (accumulated gradients are never saved).
 
 Randomness inside a Dataset, and what skipping into an epoch costs (an IterableDataset reads
 every consumed item again): train_core/loaders.py.

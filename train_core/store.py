@@ -1,6 +1,6 @@
 """The atomic checkpoint store (torch-free: the supervisor and the CLI use it too).
 
-Commit protocol, each step durable before the next (design.md):
+Commit protocol, each step durable before the next (docs/format.md, "Atomic commit protocol"):
   1. the caller writes its files into `checkpoints/.tmp-step-N-<pid>/` (begin())
   2. every file is hashed and fsynced, every sub-directory fsynced
   3. `manifest.json` (sizes + sha256 of every other file) is written LAST and fsynced
