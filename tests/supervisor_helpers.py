@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import psutil
 
+from train_core.runfiles import read_json  # noqa: F401 - re-exported for the tests
+
 REPO = Path(__file__).resolve().parents[1]
 FAKE_RANK = REPO / "tests" / "scripts" / "sup_fake_rank.py"
 CLI = [sys.executable, "-c", "from supervisor.cli import main; main()"]
@@ -80,11 +82,9 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def final_hash(run_dir: Path) -> str:
+    """The weights hash the test scripts write when they finish (final_hash.json)."""
+    return json.loads((run_dir / "final_hash.json").read_text())["hash"]
 
 
 def heartbeat_step(run_dir: Path) -> int:

@@ -13,13 +13,13 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
+from supervisor_helpers import final_hash, wait_for
 from train_core import session as session_mod
 from train_core.fingerprint import ConfigError, ConfigMismatch, check_config_change, diff_configs, fingerprint
 from train_core.contract import pid_alive
@@ -61,10 +61,6 @@ def run(run_dir: Path, *args: str, on_micro=None):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     return result, read_json(run_dir / "ranks" / "exit-0.json")
-
-
-def final_hash(run_dir: Path) -> str:
-    return json.loads((run_dir / "final_hash.json").read_text())["hash"]
 
 
 def steps(run_dir: Path) -> list[int]:
@@ -170,25 +166,18 @@ def test_watcher_control_json_and_supervisor_pid(tmp_path):
     try:
         assert w.control.save_seq == 5
         write_control(paths.control, Control(pause=True, save_seq=6))
-        _wait(lambda: w.control.pause and w.control.save_seq == 6)
+        wait_for(lambda: w.control.pause and w.control.save_seq == 6, 5.0, "pause and save 6 seen")
         assert not flag.is_set()
         assert read_json(paths.status)["state"] == "training" and "updated_at" in read_json(paths.status)
         sup.kill()
         sup.wait()
         assert not pid_alive(sup.pid)
-        _wait(flag.is_set)
+        wait_for(flag.is_set, 5.0, "the stop flag")
         assert "supervisor pid" in flag.describe()
     finally:
         w.stop()
         sup.kill()
         sup.wait()
-
-
-def _wait(cond, timeout_s=5.0):
-    end = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------- in-process runs
@@ -241,7 +230,7 @@ def test_control_json_pause_request_stop_and_stop_right_after_resume(tmp_path, r
     seen_states = []
 
     def operator():  # what a supervisor does, from another thread
-        _wait(lambda: (read_json(paths.status) or {}).get("state") == "paused")
+        wait_for(lambda: (read_json(paths.status) or {}).get("state") == "paused", 5.0, "paused")
         seen_states.append("paused")
         write_control(paths.control, Control(pause=False, save_seq=1))
 

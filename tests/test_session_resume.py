@@ -13,10 +13,8 @@ launcher or a scheduler does), which also hits the DataLoader workers.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.runner.launch import free_port
+from supervisor_helpers import final_hash
 from train_core.runfiles import read_json
 from train_core.store import CheckpointStore
 
@@ -32,12 +32,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "tests" / "scripts" / "toy_train.py"
 TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -56,7 +50,7 @@ def _cmd(nproc: int | None) -> tuple[list[str], dict[str, str]]:
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if nproc > 1:
         env["ACCELERATE_USE_CPU"] = "1"
-        cmd += ["--multi_gpu", "--main_process_port", str(_free_port())]
+        cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
     return cmd + [str(TOY)], env
 
 
@@ -72,10 +66,6 @@ def _reports(run_dir: Path, world: int, output: str = "") -> list[dict]:
     reports = [read_json(run_dir / "ranks" / f"exit-{r}.json") for r in range(world)]
     assert all(reports), f"missing exit report; output:\n{output[-3000:]}"
     return reports
-
-
-def final_hash(run_dir: Path) -> str:
-    return json.loads((run_dir / "final_hash.json").read_text())["hash"]
 
 
 def assert_saved_together(reports: list[dict], step: int | None = None) -> Path:
