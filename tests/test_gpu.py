@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from supervisor_helpers import wait_for
 from supervisor.watch.fake_gpu import FakeGpuBackend, FakeScript, load_fake_script
 from supervisor.watch.gpu import GpuWatcher, build_gpu_watcher, visible_nvml_indices
 from supervisor.watch.nvml import GpuUnavailable, NvmlBackend
@@ -240,9 +241,7 @@ def test_threaded_poll_never_waits_for_a_hung_backend():
     w = GpuWatcher(GpuConfig(poll_interval_s=0.1), backend, threaded=True, clock=clock, stale_after_s=30)
     try:
         w.start()
-        deadline = time.monotonic() + 10
-        while w.status()["available"] is not True and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: w.status()["available"] is True, 10, "the sampler's first reading", interval=0.01)
         assert [d.event for d in w.poll(clock.t)] == ["gpu_watch_started", "thermal_pause"]
         backend.hang.set()
         assert backend.in_read.wait(10)  # the sampler thread is now stuck inside read()

@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from fake_login1 import FakeLogind, PrivateBus, dbus_daemon_available  # noqa: E402
 
+from supervisor_helpers import wait_for  # noqa: E402
 from supervisor.config import JobConfigError  # noqa: E402
 from supervisor.watch.logind import LogindConfig, LogindWatcher, system_bus_address  # noqa: E402
 from supervisor.watch import Action, Decision  # noqa: E402
@@ -228,9 +229,7 @@ def test_losing_the_bus_mid_run_is_reported(make, bus: PrivateBus) -> None:
     fake.prepare_for_sleep(True)
     assert [d.action for d in wait_decisions(w)] == [Action.SAVE]
     bus.stop()
-    deadline = time.monotonic() + 5
-    while w.status()["available"] and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: not w.status()["available"], 5, "the watcher to notice the bus is gone")
     st = w.status()
     assert st["available"] is False and "lost the D-Bus system bus" in st["reason"]
     assert [d.event for d in w.poll(0.0)] == ["logind_unavailable"]
