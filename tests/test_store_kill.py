@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 256 << 10
 
@@ -209,6 +211,7 @@ def st_sha256(path: Path) -> str:
     return sha256_file(path)
 
 
+@pytest.mark.slow  # ~15 s of real SIGKILLs; the fast lane keeps the in-process commit-protocol tests
 def test_sigkill_at_random_moments_and_every_commit_step_never_leaves_a_broken_checkpoint(tmp_path):
     from train_core.store import CheckpointStore
 
