@@ -8,8 +8,9 @@ index): a resumed worker has not seen the skipped items, so its own RNG state di
 Skipping the consumed part of an epoch costs O(batches) index work for map-style datasets
 (the sampler yields indices, no item is loaded; ~0.1 s per 100k batches, bench/bench_save.py).
 An IterableDataset has no sampler: skip_first_batches must READ and discard every consumed
-item, so resume cost grows with the position in the epoch (docs/platform.md:
-100k batches of 4 at 1 ms/item ~ 470 s). For streams, keep epochs short or make the dataset itself resumable.
+item, so resume cost grows with the position in the epoch (docs/platform.md: 100k batches
+of 4 at 1 ms/item ~ 470 s). For streams, keep epochs short or make the dataset resumable
+itself.
 """
 
 from __future__ import annotations
