@@ -79,6 +79,7 @@ class LaunchConfig:
     main_process_port: int | None = None  # None: a free port per attempt (single machine)
     config_file: Path | None = None  # an `accelerate config` YAML, absolute
     extra_args: tuple[str, ...] = ()  # passed to accelerate launch before the script
+    direct: bool = True  # one rank, no config_file/extra_args: start it without the launcher (runner/launch.py)
 
 
 @dataclass(frozen=True)
@@ -452,6 +453,7 @@ def _read_launch(s: Section) -> LaunchConfig:
         main_process_port=s.int("main_process_port", None, low=1, high=65535),
         config_file=s.path("config_file", None),
         extra_args=s.str_list("extra_args"),
+        direct=s.bool("direct", True),
     )
     s.done()
     if launch.machine_rank >= launch.num_machines:

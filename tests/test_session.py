@@ -7,6 +7,8 @@ handler; files are real. Multi-process and launcher behaviour is in test_session
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib.util
 import json
 import os
@@ -209,10 +211,15 @@ def test_fresh_run_files_and_manifest(tmp_path, reference):
     assert best and all("val_loss" in c.metrics for c in best) and all(c.step % 4 == 0 for c in best)
 
 
-def test_signal_stops_save_and_resume_bitwise(tmp_path, reference):
+def test_signal_stops_save_and_resume_bitwise(tmp_path, reference, monkeypatch):
     d = tmp_path / "run"
+    at_exit = []
+    monkeypatch.setattr(atexit, "register", at_exit.append)
     code, rep = run(d, "--signal-at", "5")  # mid-accumulation (grad_accum 3): saved at the step-2 boundary
     assert code == 75 and rep["kind"] == "saved" and rep["step"] == 2 and rep["detail"] == "signal SIGUSR1"
+    # the process exits fast: every object is frozen before the interpreter's final collections
+    assert at_exit == [gc.freeze]
+    monkeypatch.undo()
     assert rep["checkpoint"].endswith("step-00000002")
     assert CheckpointStore(d / "checkpoints").check(Path(rep["checkpoint"]), full=True).reason == "preempt"
     code, rep = run(d, "--signal-at", "10")  # batch 16 of 16: the epoch's last (partial) step

@@ -235,7 +235,7 @@ def test_build_launch_attempt_env_wins_over_train_env(tmp_path):
 
 
 def test_build_launch_single_cpu_and_config_file(tmp_path):
-    job = load_job(write_job(tmp_path, [], launch={"num_processes": 1}))
+    job = load_job(write_job(tmp_path, [], launch={"num_processes": 1, "direct": False}))
     argv = list(L.build_launch(job, attempt=1, resume_from=None, supervisor_pid=1, base_env={}).argv)
     assert "--cpu" in argv and "--multi_gpu" not in argv and "ACCELERATE_USE_CPU" not in argv
     cfg = tmp_path / "acc.yaml"

@@ -42,12 +42,14 @@ def uninterrupted(tmp_path, args, **sections):
     return final_weights(d / "run")
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_saves_exits_75_and_resumes(tmp_path, cleanup, nproc):
+@pytest.mark.parametrize("nproc, direct", [(1, True), (1, False), (2, True)], ids=["1-direct", "1-launcher", "2"])
+def test_sigterm_saves_exits_75_and_resumes(tmp_path, cleanup, nproc, direct):
+    """One rank is started directly by default; `direct = false` (and 2 ranks) go through
+    `accelerate launch`: the same stop, save and exact resume either way."""
     run_dir = tmp_path / "run"
     cleanup[0].append(run_dir)
     args = ["--steps", "90", "--step-time", "0.03"]
-    job = write_job(tmp_path, args, launch={"num_processes": nproc})
+    job = write_job(tmp_path, args, launch={"num_processes": nproc, "direct": direct})
     sup = start_supervisor(job, log=tmp_path / "sup1.log")
     cleanup[1].append(sup)
     wait_for(lambda: heartbeat_step(run_dir) >= 15, 30, "step 15")
@@ -72,6 +74,7 @@ def test_sigterm_saves_exits_75_and_resumes(tmp_path, cleanup, nproc):
     assert finish(sup2) == 0, (tmp_path / "sup2.log").read_text()
     start = [e for e in events(run_dir, "state") if e["to"] == "starting"][-1]
     assert start["resume_from"] == str(latest.path) and start["attempt"] == 2  # numbering goes on
+    assert ("accelerate.commands.launch" in start["argv"]) == (not direct or nproc > 1)
     assert start["log"].endswith("attempt-2.log")
     assert f"resumed from step {latest.step}" in Path(start["log"]).read_text()
     assert final_weights(run_dir) == uninterrupted(tmp_path, args)

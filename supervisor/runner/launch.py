@@ -1,6 +1,10 @@
 """What one attempt runs: the `accelerate launch` command line and environment (pure).
 
-Starting, signalling and reaping it is supervisor.runner.procs' job.
+One process on one machine, with nothing for accelerate's config machinery to read (no
+config_file, no extra_args), is started directly: `python script` with the environment that
+`accelerate launch` gives its one rank (`launch_env`). The launcher would only import torch
+before the rank does and tear it down after (~1.1 s per start, ~0.4 s per exit on 2 cores);
+`[launch] direct = false` keeps it. Starting, signalling and reaping is supervisor.runner.procs' job.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class LaunchPlan:
     env: Mapping[str, str]
     world_size_local: int  # ranks this launcher starts
     death_signal: bool = True  # PR_SET_PDEATHSIG(SIGTERM) on the launcher (see the module doc)
+    launcher_is_rank: bool = False  # the child is rank 0 itself (no accelerate launcher between)
 
 
 def needs_port(job: JobConfig) -> bool:
@@ -51,9 +56,44 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
                               base_env=base_env, attempt_env=attempt_env)
     script = [str(job.train.script), *job.train.args]
     if job.launch.launcher == "python":
-        return LaunchPlan((sys.executable, "-u", *script), env, 1)
+        return LaunchPlan((sys.executable, "-u", *script), env, 1, launcher_is_rank=True)
+    if starts_directly(job):
+        env.update(launch_env(job, env))
+        # no death signal, as with the 1-process launcher: the rank's watcher sees the supervisor go
+        return LaunchPlan((sys.executable, *script), env, 1, death_signal=False, launcher_is_rank=True)
     argv, nproc, multi = _accelerate_argv(job, env, attempt=attempt, port=port)
     return LaunchPlan((*argv, *script), env, nproc, death_signal=multi)
+
+
+def starts_directly(job: JobConfig) -> bool:
+    """One rank on one machine, nothing that only accelerate can interpret: no launcher."""
+    lc = job.launch
+    return (lc.launcher == "accelerate" and lc.direct and lc.num_machines == 1 and (lc.num_processes or 1) == 1
+            and lc.config_file is None and not lc.extra_args)
+
+
+def launch_env(job: JobConfig, env: Mapping[str, str]) -> dict[str, str]:
+    """What `accelerate launch --num_processes 1` (its simple launcher, accelerate 1.16) adds
+    to one rank's environment for this job; tests/test_launch_direct.py checks it against
+    accelerate's own prepare_simple_launcher_cmd_env, so a new accelerate that changes it fails there."""
+    lc = job.launch
+    out = {
+        "ACCELERATE_USE_CPU": str(lc.cpu),
+        "ACCELERATE_MIXED_PRECISION": lc.mixed_precision or "no",
+        "ACCELERATE_DYNAMO_BACKEND": "NO",
+        "ACCELERATE_DYNAMO_MODE": "default",
+        "ACCELERATE_DYNAMO_USE_FULLGRAPH": "False",
+        "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "False",
+        "OMP_NUM_THREADS": _cpu_threads(env, 1) if lc.cpu else env.get("OMP_NUM_THREADS") or "1",
+    }
+    if lc.cpu:
+        out.update(KMP_AFFINITY="granularity=fine,compact,1,0", KMP_BLOCKTIME="1")
+    return out
+
+
+def _cpu_threads(env: Mapping[str, str], nproc: int) -> str:
+    """--num_cpu_threads_per_process: the job's OMP_NUM_THREADS, else the cores split over the ranks."""
+    return env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
 
 
 def attempt_environment(job: JobConfig, *, attempt: int, resume_from: Path | None, supervisor_pid: int,
@@ -125,8 +165,7 @@ def _accelerate_argv(job: JobConfig, env: dict[str, str], *, attempt: int,
     if not use_config:
         argv += ["--dynamo_backend", "no"]
         if lc.cpu:
-            threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // (nproc or 1)))
-            argv += ["--num_cpu_threads_per_process", threads]
+            argv += ["--num_cpu_threads_per_process", _cpu_threads(env, nproc or 1)]
     if lc.main_process_ip:
         argv += ["--main_process_ip", lc.main_process_ip]
     if multi:

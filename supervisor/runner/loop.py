@@ -315,7 +315,7 @@ class Runner(Stopping):
                          log=str(log_path), argv=list(plan.argv))
 
     def _find_ranks(self, a: Attempt) -> None:
-        a.find_ranks(self.paths, self.procs, launcher_is_rank=self.job.launch.launcher == "python")
+        a.find_ranks(self.paths, self.procs, launcher_is_rank=a.plan.launcher_is_rank)
 
     def _tick_active(self, now: float) -> None:
         a = self.attempt
