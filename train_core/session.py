@@ -128,6 +128,11 @@ class TrainSession:
                                    attempt=self.attempt)
         set_seed(self.seed)  # before the model is built: a fresh run is reproducible
         self._start_watching()
+        # When this process exits, whenever and however: the interpreter's final garbage
+        # collections over torch's objects take ~0.4 s, ~0.1 s with every object frozen, and
+        # the supervisor waits for that after every stop (docs/platform.md, "Process exit").
+        # Registered after torch's handlers, it runs before them; they all still run.
+        atexit.register(gc.freeze)
 
     def _init_run(self, run_dir: str | os.PathLike | None) -> None:
         """Who this rank is, the run dir, the checkpoint store, the supervisor (if any)."""
@@ -252,11 +257,6 @@ class TrainSession:
             return False
         self._exit_with(exc)
         if isinstance(exc, StopTraining):
-            # The process is on its way out and the supervisor is waiting for it: the
-            # interpreter's final garbage collections over torch's objects take ~0.4 s, ~0.1 s
-            # with every object frozen (docs/platform.md, "Process exit"). Registered last, it
-            # runs first at exit: after every finally block, before the other atexit handlers.
-            atexit.register(gc.freeze)
             raise SystemExit(EXIT_SAVED) from None
         return False
 
