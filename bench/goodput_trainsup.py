@@ -1,12 +1,14 @@
 """The goodput bench's training under trainsup: the same model, data, optimizer and step as
 bench/stock_recipe.py, checkpointed by a TrainSession (every --save-every steps and on every
-stop request, resumed exactly). bench/goodput.py runs it through `trainsup run`.
+stop request, resumed exactly). bench/goodput.py runs it through `trainsup run`;
+bench/bench_restart.py adds --crash-when FILE (an exception in attempt 1 once FILE exists).
 """
 
 import time
 
 T_START = time.time()
 
+import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -38,7 +40,10 @@ class SavedLog(logging.Handler):
 
 def main() -> int:
     global session
-    args = parse_args()
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--crash-when", default=None, help="in attempt 1, raise after the first step that finds this file")
+    known, rest = extra.parse_known_args()
+    args = parse_args(rest)
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     session = TrainSession(accelerator, seed=args.seed, micro_batch=args.micro_batch, grad_accum=1,
                            max_steps=args.steps, save_every_steps=args.save_every, run_dir=args.out,
@@ -60,6 +65,9 @@ def main() -> int:
             train_step(accelerator, model, optimizer, batch)
             schedule.step()
             log_event("step", step=session.global_step + 1)
+            if known.crash_when and session.attempt == 1 and os.path.exists(known.crash_when):
+                log_event("crash", step=session.global_step + 1)
+                raise RuntimeError(f"crash: {known.crash_when} exists (--crash-when)")
             saved.t0 = time.time()
             session.step_done(tokens=batch[0].numel())
     if accelerator.is_main_process:

@@ -97,6 +97,7 @@ class RestartConfig:
     jitter: float = 0.1  # fraction: each delay is scaled by a random factor in [1-jitter, 1+jitter]
     window_s: float = 0.0  # restarts older than this are forgotten; 0 = count over the whole run
     no_progress_limit: int = 3  # give up after this many consecutive attempts without progress; 0 = off
+    standby: bool = True  # a restart inside the run reuses a rank that imported torch meanwhile (runner/procs.py)
 
 
 @dataclass(frozen=True)
@@ -494,6 +495,7 @@ def _read_restart(s: Section) -> RestartConfig:
         jitter=s.float("jitter", d.jitter, low=0.0, high=1.0, hint=" (a fraction of the delay)"),
         window_s=s.float("window_s", d.window_s, low=0.0, hint=" (0: the whole run)"),
         no_progress_limit=s.int("no_progress_limit", d.no_progress_limit, low=0, hint=" (0 turns it off)"),
+        standby=s.bool("standby", d.standby),
     )
     s.done()
     if restart.backoff_max_s < restart.backoff_initial_s:

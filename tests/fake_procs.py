@@ -79,6 +79,7 @@ class FakeProcesses:
         self.procs: dict[int, FakeProc] = {}
         self.received: list[tuple[float, int, int]] = []  # (time, pid, signal)
         self.spawned: list[dict[str, str]] = []  # each attempt's environment
+        self.prepared: list[Any] = []  # plans a standby was asked for
         self._next_pid = 5000
         self._timers: list[tuple[float, Callable[[], None]]] = []
         self._attempt: dict[str, Any] = {}
@@ -140,6 +141,12 @@ class FakeProcesses:
         return {p.pgid for p in self.procs.values() if p.alive}
 
     # -- the fake world -------------------------------------------------------------------
+    def prepare(self, plan: Any, *, cwd: Path | None, paths: Any, idle: bool = False) -> None:
+        self.prepared.append(plan)
+
+    def discard_standby(self) -> None:
+        pass
+
     def signals_to(self, rank: int | None) -> list[tuple[float, int]]:
         """(time, signal) received by the ranks numbered `rank` (None: the launchers)."""
         return [(t, s) for t, pid, s in self.received if self.procs[pid].rank == rank]

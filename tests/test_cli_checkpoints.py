@@ -14,6 +14,7 @@ import textwrap
 
 from pathlib import Path
 
+import blake3
 import pytest
 from click.testing import CliRunner
 from torchfile import torch_like
@@ -95,7 +96,7 @@ def test_list_table(run):
          300      1     49  interval  val_loss=2.5           3.4 KiB   7h00m  ok
          400      1    149  interval  val_loss=1             4.4 KiB   5h20m  INVALID: missing file: optimizer.bin
          500      1    249  preempt   -                      5.3 KiB   3h40m  ok
-        5 checkpoints: 4 valid, 1 invalid; resume from step 500 (quick check; `verify` compares sha256)
+        5 checkpoints: 4 valid, 1 invalid; resume from step 500 (quick check; `verify` compares every file's hash)
         """)
 
 
@@ -143,8 +144,8 @@ def test_verify_all_valid_exits_0(tmp_path):
     assert r.exit_code == 0
     assert r.output == textwrap.dedent("""\
         STEP  EPOCH  BATCH  REASON    METRICS        SIZE     AGE  STATUS
-           1      0      1  interval  val_loss=2  1.3 KiB  11h59m  ok (sha256)
-           2      0      2  final     -           1.3 KiB  11h58m  ok (sha256)
+           1      0      1  interval  val_loss=2  1.3 KiB  11h59m  ok (blake3)
+           2      0      2  final     -           1.3 KiB  11h58m  ok (blake3)
         2 checkpoints: 2 valid, 0 invalid; resume from step 2
         """)
 
@@ -157,10 +158,10 @@ def test_verify_finds_hash_damage_that_list_does_not_and_exits_1(run):
     r = invoke("checkpoints", "verify", str(run))
     assert r.exit_code == 1
     lines = r.output.splitlines()
-    assert lines[1].endswith("ok (sha256)")
+    assert lines[1].endswith("ok (blake3)")
     assert lines[4].endswith("INVALID: missing file: optimizer.bin")
     assert lines[5] == (" 500      1    249  preempt   -                      5.3 KiB   3h40m  "
-                        "INVALID: hash mismatch: model.safetensors (sha256 " + hashlib.sha256(p.read_bytes())
+                        "INVALID: hash mismatch: model.safetensors (blake3 " + blake3.blake3(p.read_bytes())
                         .hexdigest()[:12] + "…, manifest " + _manifest_sha(p)[:12] + "…)")
     assert lines[6] == "5 checkpoints: 3 valid, 2 invalid; resume from step 300"
     assert snapshot(run) == before  # verify changes nothing
@@ -174,7 +175,7 @@ def test_verify_finds_hash_damage_that_list_does_not_and_exits_1(run):
 
 def _manifest_sha(p: Path) -> str:
     m = json.loads((p.parent / "manifest.json").read_text())
-    return next(f["sha256"] for f in m["files"] if f["path"] == p.name)
+    return next(f["blake3"] for f in m["files"] if f["path"] == p.name)
 
 
 # --------------------------------------------------------------------------- prune

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from supervisor_helpers import CLI, REPO, env, events, finish, kill_run, read_json, run_processes, wait_for
+from train_core.manifest import hash_name
 from train_core.store import CheckpointStore
 
 TRAIN = REPO / "examples" / "gpt" / "train.py"
@@ -72,8 +73,8 @@ def final_checkpoint(run_dir: Path):
 
 
 def file_hashes(ckpt) -> dict[str, str]:
-    """sha256 of every file of the checkpoint, from its manifest (checked against the files above)."""
-    return {f["path"]: f["sha256"] for f in ckpt.manifest["files"]}
+    """The hash of every file of the checkpoint, from its manifest (checked against the files above)."""
+    return {f["path"]: f[hash_name(ckpt.manifest)] for f in ckpt.manifest["files"]}
 
 
 def val_losses(run_dir: Path) -> dict[int, float]:

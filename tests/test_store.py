@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import blake3
 import pytest
 
 from torchfile import torch_like
@@ -53,13 +54,33 @@ def test_commit_writes_manifest_with_sizes_and_hashes(store):
     assert m["reason"] == "interval" and m["config_fingerprint"] == "abc"
     assert m["metrics"] == {"val_loss": 2.5, "bad": None, "inf": None, "none": None}
     assert m["world_size"] == 2 and m["samples_in_epoch"] == 56
-    assert m["files"] == [
-        {"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert m["format"] == 2 and m["files"] == [  # BLAKE3, computed here by the blake3 package itself
+        {"path": rel, "size": len(data), "blake3": blake3.blake3(data).hexdigest()}
         for rel, data in sorted(FILES.items())
     ]
     assert [p.name for p in store.root.iterdir()] == ["step-00000007"]  # no tmp left behind
     assert store.check(c.path, full=True).valid
     assert c.size_bytes == sum(map(len, FILES.values())) + (c.path / "manifest.json").stat().st_size
+
+
+def test_sha256_checkpoints_of_format_1_still_verify(store, tmp_path):
+    """What trainsup wrote before BLAKE3 (format 1, sha256) is read and fully checked with sha256."""
+    old = commit(CheckpointStore(store.root, hash_name="sha256"), 3)
+    m = json.loads((old.path / "manifest.json").read_text())
+    assert m["format"] == 1 and m["files"][0]["sha256"] == hashlib.sha256(FILES["model.safetensors"]).hexdigest()
+    assert store.check(old.path, full=True).valid and store.latest_valid(full=True).step == 3
+    p = old.path / "model.safetensors"
+    p.write_bytes(b"X" + p.read_bytes()[1:])  # same size: only the hash sees it
+    bad = store.check(old.path, full=True)
+    assert bad.code == st.HASH_MISMATCH and "(sha256 " in bad.problem
+
+
+def test_blake3_checkpoint_without_blake3_is_unreadable_not_damaged(store, monkeypatch):
+    c = commit(store, 4)
+    monkeypatch.setattr("train_core.hashing._blake3", None)
+    found = store.check(c.path, full=True)
+    assert found.code == st.UNREADABLE_FILE and "pip install blake3" in found.problem
+    assert store.check(c.path).valid  # the quick check needs no hash
 
 
 def test_commit_order_files_synced_before_manifest_before_rename(store, monkeypatch):

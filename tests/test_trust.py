@@ -25,6 +25,8 @@ from supervisor_helpers import (
 from torchfile import torch_like
 from train_core import safeload
 from train_core import store as st
+from train_core.hashing import digest_bytes
+from train_core.manifest import hash_name
 from train_core.store import CheckpointStore
 
 TOY = Path(__file__).resolve().parent / "scripts" / "toy_train.py"
@@ -44,7 +46,7 @@ def rehash(ckpt: Path) -> None:
     m = json.loads((ckpt / "manifest.json").read_text())
     for f in m["files"]:
         data = (ckpt / f["path"]).read_bytes()
-        f["size"], f["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+        f["size"], f[hash_name(m)] = len(data), digest_bytes(hash_name(m), data)
     (ckpt / "manifest.json").write_text(json.dumps(m))
 
 
@@ -89,7 +91,7 @@ CRAFTED = [
     ("size 1e400", lambda c: (c / "manifest.json").write_text(
         (c / "manifest.json").read_text().replace('"size": 100', '"size": 1e400')), st.BAD_MANIFEST),
     ("negative size", lambda c: _edit(c, _set("size", -1)), st.BAD_MANIFEST),
-    ("sha256 not hex", lambda c: _edit(c, _set("sha256", ["x"])), st.BAD_MANIFEST),
+    ("hash not hex", lambda c: _edit(c, _set("blake3", ["x"])), st.BAD_MANIFEST),
     ("deep nesting", lambda c: (c / "manifest.json").write_text("[" * 100_000 + "]" * 100_000), st.UNREADABLE_MANIFEST),
     ("epoch a string", lambda c: _edit(c, lambda m: m.__setitem__("epoch", "0")), st.BAD_MANIFEST),
     ("unlisted file load_state reads", lambda c: (c / "scheduler.bin").write_bytes(torch_like(300)), st.UNLISTED_FILE),

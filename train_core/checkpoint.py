@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest manifest format this trainsup reads and writes
+# The hash each manifest format lists per file (train_core.hashing); format 2 is what
+# FORMAT_VERSION writes when blake3 imports, format 1 otherwise.
+FORMAT_HASH = {1: "sha256", 2: "blake3"}
+HASH_FORMAT = {name: fmt for fmt, name in FORMAT_HASH.items()}
 MANIFEST = "manifest.json"
 STEP_DIGITS = 8
 STEP_RE = re.compile(r"^step-(\d+)$")

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from train_core import safeload
 from train_core.checkpoint import (
     BAD_MANIFEST,
+    FORMAT_HASH,
     FORMAT_VERSION,
     HASH_MISMATCH,
     MANIFEST,
@@ -37,11 +38,11 @@ from train_core.checkpoint import (
     UNREADABLE_FILE,
     UNREADABLE_MANIFEST,
 )
-from train_core.hashing import sha256_file
+from train_core.hashing import HashUnavailable, digest_file
 
 MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few KB; a bigger one is not read
 _REQUIRED = ("format", "step", "epoch", "batch_in_epoch", "created_at", "files")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")  # sha256 and BLAKE3 (its default 32-byte output) alike
 # Files accelerate's load_state or trainsup read from a checkpoint dir: one the manifest does
 # not list would be loaded unchecked, so it makes the checkpoint invalid. Other unlisted
 # files (an NFS .nfsXXXX, a user's notes) are reported as strays.
@@ -78,7 +79,7 @@ def check_manifest(path: Path, step: int, full: bool, trust_pickle: bool = False
         return ManifestCheck(None, p.problem, p.code, (), [])
     try:
         _check_header(path, step, manifest)
-        listed, pickled = _check_listed(path, manifest["files"], full, trust_pickle)
+        listed, pickled = _check_listed(path, manifest, full, trust_pickle)
         strays = _strays(path, listed)
     except _ManifestProblem as p:
         return ManifestCheck(manifest, p.problem, p.code, (), [])
@@ -145,12 +146,18 @@ def _check_header(path: Path, step: int, manifest: dict) -> None:
         raise _ManifestProblem("manifest.json 'files' is not a list", BAD_MANIFEST)
 
 
-def _check_listed(path: Path, files: list, full: bool, trust_pickle: bool) -> tuple[set[str], PickledFiles]:
+def hash_name(manifest: dict) -> str:
+    """The hash a (header-checked) manifest lists: "sha256" (format 1) or "blake3" (format 2)."""
+    return FORMAT_HASH[manifest["format"]]
+
+
+def _check_listed(path: Path, manifest: dict, full: bool, trust_pickle: bool) -> tuple[set[str], PickledFiles]:
     """Every listed file, in order: (the listed relative paths, the pickled files to check)."""
     listed: set[str] = set()
     pickled: PickledFiles = []
-    for entry in files:
-        rel, size, digest = _file_entry(entry)
+    algo = hash_name(manifest)
+    for entry in manifest["files"]:
+        rel, size, digest = _file_entry(entry, algo)
         rel_path = _inside(path, rel)
         listed.add(rel_path.as_posix())
         fpath = path / rel_path
@@ -158,21 +165,22 @@ def _check_listed(path: Path, files: list, full: bool, trust_pickle: bool) -> tu
         if not trust_pickle and safeload.needs_scan(rel):
             pickled.append((str(fpath), rel))
         if full:
-            _check_hash(fpath, rel, digest)
+            _check_hash(fpath, rel, digest, algo)
     return listed, pickled
 
 
-def _file_entry(entry: Any) -> tuple[str, int, str]:
-    """(path, size, sha256) of one `files` entry, or _ManifestProblem for any type or range error."""
+def _file_entry(entry: Any, algo: str) -> tuple[str, int, str]:
+    """(path, size, digest) of one `files` entry, or _ManifestProblem for any type or range error."""
     if not isinstance(entry, dict):
         raise _ManifestProblem(f"manifest.json has a malformed file entry: {_short(entry)}", BAD_MANIFEST)
-    rel, size, digest = entry.get("path"), entry.get("size"), entry.get("sha256")
+    rel, size, digest = entry.get("path"), entry.get("size"), entry.get(algo)
     if not isinstance(rel, str) or not rel or "\0" in rel or len(rel) > 4096:
         raise _ManifestProblem(f"manifest.json has a malformed file entry: path {_short(rel)}", BAD_MANIFEST)
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63:
         raise _ManifestProblem(f"manifest.json has a malformed file entry: {_short(rel)} size {_short(size)}", BAD_MANIFEST)
-    if not isinstance(digest, str) or not _SHA256_RE.match(digest):
-        raise _ManifestProblem(f"manifest.json has a malformed file entry: {_short(rel)} sha256 {_short(digest)}", BAD_MANIFEST)
+    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+        raise _ManifestProblem(f"manifest.json has a malformed file entry: {_short(rel)} {algo} {_short(digest)}",
+                               BAD_MANIFEST)
     return rel, size, digest
 
 
@@ -207,13 +215,15 @@ def _check_file(fpath: Path, rel: str, size: int) -> None:
                                SIZE_MISMATCH)
 
 
-def _check_hash(fpath: Path, rel: str, digest: str) -> None:
+def _check_hash(fpath: Path, rel: str, digest: str, algo: str) -> None:
     try:
-        actual = sha256_file(fpath)
+        actual = digest_file(fpath, algo)
     except OSError as e:
         raise _ManifestProblem(f"unreadable file {safeload.printable(rel)}: {e.strerror or e}", UNREADABLE_FILE) from None
+    except HashUnavailable as e:
+        raise _ManifestProblem(str(e), UNREADABLE_FILE) from None
     if actual != digest:
-        raise _ManifestProblem(f"hash mismatch: {safeload.printable(rel)} (sha256 {actual[:12]}…, "
+        raise _ManifestProblem(f"hash mismatch: {safeload.printable(rel)} ({algo} {actual[:12]}…, "
                                f"manifest {digest[:12]}…)", HASH_MISMATCH)
 
 

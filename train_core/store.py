@@ -3,7 +3,7 @@
 Commit protocol, each step durable before the next (docs/format.md, "Atomic commit protocol"):
   1. the caller writes its files into `checkpoints/.tmp-step-N-<pid>/` (begin())
   2. every file is hashed and fsynced, every sub-directory fsynced
-  3. `manifest.json` (sizes + sha256 of every other file) is written LAST and fsynced
+  3. `manifest.json` (sizes + BLAKE3, or sha256, of every other file) is written LAST and fsynced
   4. the tmp dir is fsynced and renamed to `step-N`, then `checkpoints/` is fsynced
 
 A directory named `step-N` exists only after step 4, and is valid only while its
@@ -35,6 +35,7 @@ from train_core.checkpoint import (  # re-exported: callers import these from tr
     BAD_NAME,
     DUPLICATE_STEP,
     FORMAT_VERSION,
+    HASH_FORMAT,
     HASH_MISMATCH,
     MANIFEST,
     MISSING_FILE,
@@ -62,7 +63,7 @@ from train_core.checkpoint import (  # re-exported: callers import these from tr
 )
 from train_core.contract import pid_alive
 # commit() looks these up here, so a test can wrap them (tests/test_store_kill.py)
-from train_core.hashing import fsync_file as _fsync_file, hash_file as _hash_file, sha256_file
+from train_core.hashing import WRITE_HASH, fsync_file as _fsync_file, hash_file as _hash_file, sha256_file
 from train_core.manifest import PickledFiles, check_manifest
 from train_core.runfiles import fsync_dir
 
@@ -101,6 +102,8 @@ class CheckpointStore:
     trust_pickle: bool = False
     # what commit() leaves: private (0600/0700), or group-readable for a group_shared run dir
     group_shared: bool = False
+    # the hash new manifests list: BLAKE3 (format 2) when it imports, else sha256 (format 1)
+    hash_name: str = WRITE_HASH
     _verdicts: dict = field(default_factory=dict, repr=False)  # file identity -> pickle-check verdict
 
     @property
@@ -281,7 +284,7 @@ class CheckpointStore:
         entries = self._seal_files(tmp)
         manifest: dict[str, Any] = dict(extra or {})
         manifest.update(
-            format=FORMAT_VERSION,
+            format=HASH_FORMAT[self.hash_name],
             step=int(step),
             epoch=int(epoch),
             batch_in_epoch=int(batch_in_epoch),
@@ -328,13 +331,13 @@ class CheckpointStore:
         by_size = sorted(files, key=lambda p: p.stat().st_size, reverse=True)
         with ThreadPoolExecutor(self._hash_threads + 2) as pool:
             syncs = [pool.submit(_fsync_file, p) for p in by_size]
-            hashes = {p: pool.submit(_hash_file, p) for p in by_size}
+            hashes = {p: pool.submit(_hash_file, p, self.hash_name) for p in by_size}
             for fut in syncs:
                 fut.result()
             entries = []
             for p in files:
                 size, digest = hashes[p].result()
-                entries.append({"path": p.relative_to(tmp).as_posix(), "size": size, "sha256": digest})
+                entries.append({"path": p.relative_to(tmp).as_posix(), "size": size, self.hash_name: digest})
         for d in sorted(subdirs, key=lambda p: len(p.parts), reverse=True):
             fsync_dir(d)
         return entries

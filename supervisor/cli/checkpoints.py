@@ -20,6 +20,7 @@ import click
 from supervisor.cli.common import is_job_file, load_job_file, open_store, resolve_run_dir
 from supervisor.errors import LockedError, UserError
 from train_core.contract import EXIT_INTERNAL
+from train_core.manifest import hash_name
 from train_core.retention import Entry, RetentionPolicy, plan_retention
 from train_core.runfiles import RunPaths
 from train_core.store import DUPLICATE_STEP, Checkpoint, CheckpointStore
@@ -130,7 +131,7 @@ def _report(run_dir: Path, store: CheckpointStore, ckpts: list[Checkpoint], full
     rows = []
     for c in ckpts:
         if c.valid:
-            status = "ok (sha256)" if c.checked_hashes else "ok"
+            status = f"ok ({hash_name(c.manifest)})" if c.checked_hashes else "ok"
         else:
             status = f"INVALID: {c.problem}"
         rows.append((str(c.step), _opt(c.epoch), _opt(c.batch_in_epoch), _opt(c.reason), fmt_metrics(c.metrics),
@@ -141,7 +142,7 @@ def _report(run_dir: Path, store: CheckpointStore, ckpts: list[Checkpoint], full
     bad = len(ckpts) - len(valid)
     summary = f"{len(ckpts)} checkpoint{'s' if len(ckpts) != 1 else ''}: {len(valid)} valid, {bad} invalid"
     summary += f"; resume from step {newest}" if newest is not None else "; none valid: the run starts from scratch"
-    click.echo(summary + ("" if full else " (quick check; `verify` compares sha256)"))
+    click.echo(summary + ("" if full else " (quick check; `verify` compares every file's hash)"))
     if tmp_names:
         click.echo(f"{len(tmp_names)} uncommitted save(s) ({', '.join(tmp_names)}): in progress, or left by a "
                    "crash and removed on the next start")
@@ -178,7 +179,7 @@ def list_cmd(target: str, as_json: bool) -> None:
     """Show every checkpoint: step, epoch, batch, reason, metrics, size, age, valid or why not.
 
     Validation here is the quick check (manifest parses, every listed file has its
-    size); `trainsup checkpoints verify` also compares sha256. Uncommitted saves
+    size); `trainsup checkpoints verify` also compares every file's hash. Uncommitted saves
     (.tmp-*) are never listed as checkpoints.
 
     \b
@@ -199,7 +200,8 @@ def list_cmd(target: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (same schema as `list --json`).")
 @click.pass_context
 def verify_cmd(ctx: click.Context, target: str, as_json: bool) -> None:
-    """Full check: re-read every file of every checkpoint and compare its sha256.
+    """Full check: re-read every file of every checkpoint and compare its hash (the manifest's:
+    BLAKE3, or sha256 for checkpoints of format 1).
 
     Exit code 0 when every checkpoint is valid; 1 when at least one is invalid (the
     check ran and found damage, like `sha256sum -c`); 2 when the path is wrong or

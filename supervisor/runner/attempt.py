@@ -43,6 +43,7 @@ class Attempt:
     term_sent_at: float | None = None
     kill_sent_at: float | None = None
     hung: bool = False
+    standby_asked: bool = False  # a standby for the next attempt was asked for while this one trains
     signalled: set[int] = field(default_factory=set)
     rank_pids: dict[int, int] = field(default_factory=dict)  # verified descendants only
     pid_started: dict[int, float] = field(default_factory=dict)  # pid -> start time when first verified

@@ -36,6 +36,7 @@ class LaunchPlan:
     world_size_local: int  # ranks this launcher starts
     death_signal: bool = True  # PR_SET_PDEATHSIG(SIGTERM) on the launcher (see the module doc)
     launcher_is_rank: bool = False  # the child is rank 0 itself (no accelerate launcher between)
+    script_argv: tuple[str, ...] = ()  # (script, *args) when the child is `python script`: a standby can run it
 
 
 def needs_port(job: JobConfig) -> bool:
@@ -56,11 +57,12 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
                               base_env=base_env, attempt_env=attempt_env)
     script = [str(job.train.script), *job.train.args]
     if job.launch.launcher == "python":
-        return LaunchPlan((sys.executable, "-u", *script), env, 1, launcher_is_rank=True)
+        return LaunchPlan((sys.executable, "-u", *script), env, 1, launcher_is_rank=True, script_argv=tuple(script))
     if starts_directly(job):
         env.update(launch_env(job, env))
         # no death signal, as with the 1-process launcher: the rank's watcher sees the supervisor go
-        return LaunchPlan((sys.executable, *script), env, 1, death_signal=False, launcher_is_rank=True)
+        return LaunchPlan((sys.executable, *script), env, 1, death_signal=False, launcher_is_rank=True,
+                          script_argv=tuple(script))
     argv, nproc, multi = _accelerate_argv(job, env, attempt=attempt, port=port)
     return LaunchPlan((*argv, *script), env, nproc, death_signal=multi)
 

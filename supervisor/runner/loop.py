@@ -20,6 +20,7 @@ import re
 import signal
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from supervisor import rundir
@@ -38,7 +39,7 @@ from supervisor.runner.policy import (
     classify_exit,
     exit_code_for_stop,
 )
-from supervisor.runner.procs import OsProcesses, ProcessTable
+from supervisor.runner.procs import OsProcesses, ProcessTable, can_restore_priority
 from supervisor.runner.states import ALLOWED, ACTIVE, State, TransitionError
 from supervisor.runner.stopping import Stopping
 from supervisor.runner.watchers import WatcherSet
@@ -77,6 +78,8 @@ class Runner(Stopping):
         self.clock, self.wall_clock, self.sleep, self.rand = clock, wall_clock, sleep, rand
         self.inbox = SignalInbox(sleep)
         self.install_signals = install_signals
+        # a standby while an attempt trains only where it can get its CPU priority back after
+        self.idle_standby = can_restore_priority()
 
         self.state: State | None = None
         self.attempt: Attempt | None = None
@@ -160,6 +163,7 @@ class Runner(Stopping):
     def _teardown(self) -> None:
         if (self.state is None or not self.state.terminal) and self.attempt is not None and self.procs.descendants():
             self._emergency_stop()
+        self.procs.discard_standby()
         self._kill_leftovers()
         self.watchers.close()
         if self.events is not None:
@@ -305,14 +309,13 @@ class Runner(Stopping):
                                    supervisor_pid=os.getpid(), base_env=os.environ, attempt_env=self.batch.env,
                                    port=launch.free_port() if launch.needs_port(self.job) else None)
         log_path = self.paths.logs / f"attempt-{number}.log"
-        child = self.procs.spawn(plan, log_path, cwd=self.job.job_file.parent if self.job.job_file else None,
-                                 paths=self.paths)
+        child = self.procs.spawn(plan, log_path, cwd=self._cwd(), paths=self.paths)
         self.attempt = Attempt(number=number, child=child, plan=plan, started_at=now, resume=resume,
                                newest_at_start=self.newest_step, log_offset=_size(log_path))
         self._transition(State.STARTING, now,
                          f"attempt {number}: " + (f"resuming from {resume.path.name}" if resume else "fresh start"),
                          pid=child.pid, resume_from=str(resume.path) if resume else None,
-                         log=str(log_path), argv=list(plan.argv))
+                         log=str(log_path), argv=list(plan.argv), standby=child.from_standby)
 
     def _find_ranks(self, a: Attempt) -> None:
         a.find_ranks(self.paths, self.procs, launcher_is_rank=a.plan.launcher_is_rank)
@@ -329,6 +332,9 @@ class Runner(Stopping):
             return
         self._find_ranks(a)
         self.watchers.on_attempt(list(a.rank_pids.values()))
+        if not a.standby_asked and (a.heartbeat or {}).get("state") == "training" and self.idle_standby:
+            a.standby_asked = True  # training is under way: a standby for a crash, at idle priority
+            self._prepare_standby(idle=True)
         w = self.job.watch
         if self.state == State.STARTING:
             if now - a.started_at > w.startup_timeout_s:
@@ -389,6 +395,7 @@ class Runner(Stopping):
 
     def _schedule_restart(self, now: float, delay_s: float, why: str, kind: ExitKind) -> None:
         self.backoff_until = now + delay_s
+        self._prepare_standby()
         blocked = self.watchers.blocking(now)
         if blocked is not None:
             self.blocked_reason = blocked
@@ -396,6 +403,21 @@ class Runner(Stopping):
             return
         self._transition(State.BACKOFF, now, f"restart in {delay_s:.1f} s after {why}", delay_s=round(delay_s, 3),
                          kind=kind.value, restarts=len(self.restart_state.restart_times))
+
+    def _prepare_standby(self, *, idle: bool = False) -> None:
+        """Let a standby rank import torch for the next attempt (runner/procs.py): `idle` while
+        this attempt trains, else because a restart is coming."""
+        if not self.job.restart.standby:
+            return
+        plan = launch.build_launch(self.job, attempt=self.attempts + 1, resume_from=None, supervisor_pid=os.getpid(),
+                                   base_env=os.environ, attempt_env=self.batch.env)
+        try:
+            self.procs.prepare(plan, cwd=self._cwd(), paths=self.paths, idle=idle)
+        except OSError as e:  # the restart starts cold instead
+            log.warning("could not start a standby rank: %s", e)
+
+    def _cwd(self) -> Path | None:
+        return self.job.job_file.parent if self.job.job_file else None
 
     def _fall_back(self, ckpt: Checkpoint, detail: str, *, keep: bool) -> None:
         """Never resume from `ckpt` again in this run. A deterministic fault moves it aside

@@ -18,6 +18,11 @@ Why the real one looks like this (docs/platform.md, "Processes and signals"):
   it, so they stay visible (and killable) as its descendants and are reaped here.
 - Child output goes to logs/attempt-N.log through a file descriptor, never a pipe: ranks
   keep writing (and saving) if the supervisor dies, with no EPIPE.
+- A standby (`prepare`): while an attempt of one directly started rank ends, a
+  `python -m train_core.standby` imports torch and accelerate; the next `spawn` of a
+  compatible plan hands it the attempt instead of starting a cold process. It is no
+  descendant of any attempt (`descendants`, `groups` leave it out) until it is used; its
+  stdin is a pipe from the supervisor, so it ends when the supervisor does.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ import errno
 import logging
 import os
 import signal
+import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
@@ -92,6 +98,7 @@ class Child:
     log_path: Path
     popen: Any = None  # subprocess.Popen of a real child
     status: int | None = None  # raw wait status once reaped
+    from_standby: bool = False  # a standby was handed this attempt (it imported torch beforehand)
 
     @property
     def exited(self) -> bool:
@@ -99,7 +106,7 @@ class Child:
 
 
 def spawn(plan: LaunchPlan, log_path: Path, *, cwd: Path | None = None,
-          paths: runfiles.RunPaths | None = None) -> Child:
+          paths: runfiles.RunPaths | None = None, stdin: int = subprocess.DEVNULL) -> Child:
     """Start the launcher. With `paths`, it holds a shared flock on ranks/alive.lock for its
     whole life (passed down, taken before it runs): a supervisor that comes after a SIGKILLed
     one sees the old launcher and ranks and waits for them (rundir.wait_for_old_ranks)."""
@@ -111,7 +118,7 @@ def spawn(plan: LaunchPlan, log_path: Path, *, cwd: Path | None = None,
             popen = subprocess.Popen(
                 plan.argv,
                 env=dict(plan.env),
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
@@ -250,22 +257,83 @@ class ProcessTable(Protocol):
 
     def groups(self) -> set[int]: ...
 
+    def prepare(self, plan: LaunchPlan, *, cwd: Path | None, paths: runfiles.RunPaths, idle: bool = False) -> None:
+        """An attempt like `plan` may come next: get ready for it (a standby), if possible;
+        `idle`: while an attempt trains, at the lowest CPU priority."""
+
+    def discard_standby(self) -> None: ...
+
+
+STANDBY_NICE = 19  # a standby started while an attempt trains imports at this priority
+
+
+def can_restore_priority() -> bool:
+    """Whether a process may go back from STANDBY_NICE to our nice value (root, or RLIMIT_NICE)."""
+    import resource
+
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - os.getpriority(
+        os.PRIO_PROCESS, 0)
+
+
+def _static_env(env: Mapping[str, str]) -> dict[str, str]:
+    """What a standby's interpreter and imports may already have read: all but TRAINSUP_*."""
+    return {k: v for k, v in env.items() if not k.startswith("TRAINSUP_")}
+
 
 class OsProcesses:
     """The real ProcessTable: today's Linux plumbing, below."""
 
     def __init__(self, *, subreaper: bool = False) -> None:
         self.subreaper = subreaper
+        self.standby: tuple[Child, LaunchPlan, Path | None] | None = None  # (child, plan, cwd)
 
     def spawn(self, plan: LaunchPlan, log_path: Path, *, cwd: Path | None = None,
               paths: runfiles.RunPaths | None = None) -> Child:
-        return spawn(plan, log_path, cwd=cwd, paths=paths)
+        child = self._take_standby(plan, log_path, cwd)
+        return child if child is not None else spawn(plan, log_path, cwd=cwd, paths=paths)
+
+    def prepare(self, plan: LaunchPlan, *, cwd: Path | None, paths: runfiles.RunPaths, idle: bool = False) -> None:
+        if not plan.script_argv or (self.standby is not None and not self.standby[0].exited):
+            return
+        env = dict(plan.env, TRAINSUP_STANDBY_NICE=str(STANDBY_NICE)) if idle else plan.env
+        standby = replace(plan, argv=(plan.argv[0], "-m", "train_core.standby"), env=env)
+        child = spawn(standby, paths.logs / "standby.log", cwd=cwd, paths=paths, stdin=subprocess.PIPE)
+        self.standby = (child, plan, cwd)
+        log.info("standby rank started (pid %d)", child.pid)
+
+    def _take_standby(self, plan: LaunchPlan, log_path: Path, cwd: Path | None) -> Child | None:
+        if self.standby is None:
+            return None
+        child, ready_for, ready_cwd = self.standby
+        if (child.exited or not plan.script_argv or plan.argv[0] != ready_for.argv[0] or cwd != ready_cwd
+                or _static_env(plan.env) != _static_env(ready_for.env)):
+            self.discard_standby()  # the next attempt differs from what it was started for
+            return None
+        self.standby = None
+        order = {"argv": list(plan.script_argv), "env": dict(plan.env), "log": str(log_path),
+                 "cwd": str(cwd or os.getcwd())}
+        try:
+            child.popen.stdin.write((json.dumps(order) + "\n").encode())
+            child.popen.stdin.close()
+        except OSError as e:  # it died meanwhile: start cold
+            log.warning("standby rank (pid %d) could not take the attempt: %s", child.pid, e)
+            _discard(child)
+            return None
+        return replace(child, log_path=log_path, from_standby=True)
+
+    def discard_standby(self) -> None:
+        if self.standby is not None:
+            _discard(self.standby[0])
+            self.standby = None
 
     def reap(self, children: Mapping[int, Child]) -> None:
+        if self.standby is not None:
+            children = {**children, self.standby[0].pid: self.standby[0]}
         reap(children, subreaper=self.subreaper)
 
     def descendants(self) -> list[int]:
-        return [p.pid for p in descendants()]
+        idle = self.standby[0].pid if self.standby is not None else None
+        return [p.pid for p in descendants() if p.pid != idle]
 
     def start_time(self, pid: int) -> float | None:
         return descendant_start_time(pid)
@@ -277,4 +345,22 @@ class OsProcesses:
         return send_group(pgid, sig)
 
     def groups(self) -> set[int]:
-        return descendant_groups()
+        groups = descendant_groups()
+        if self.standby is not None:
+            groups.discard(self.standby[0].pid)  # its own session: pgid == pid
+        return groups
+
+
+def _discard(child: Child) -> None:
+    """End an unused standby: it holds nothing but imports."""
+    try:
+        if child.popen.stdin and not child.popen.stdin.closed:
+            child.popen.stdin.close()
+    except OSError:
+        pass
+    if not child.exited:
+        send(child.pid, signal.SIGKILL)
+        try:
+            child.popen.wait(timeout=5)
+        except (subprocess.TimeoutExpired, ChildProcessError):
+            pass

@@ -76,6 +76,8 @@ class Stopping:
         a.signal_ranks(self.procs, self.save_signal)
         if self.state != State.STOPPING:
             self._transition(State.STOPPING, now, cause, grace_s=0 if a.hung else self.job.stop.grace_s)
+        if hung:
+            self._prepare_standby()  # a restart follows: its rank imports while this one is killed
 
     def _escalate(self: Runner, now: float, sig: int) -> None:
         groups = self.attempt.escalate(self.procs, sig, now)
