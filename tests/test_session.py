@@ -343,20 +343,23 @@ def test_interval_from_the_job_file_wins(tmp_path, monkeypatch):
     assert code == 0 and steps(tmp_path) == [4, 8, 12]
 
 
-def test_corrupt_checkpoint_is_resume_failed_before_loading(tmp_path, monkeypatch):
+def test_corrupt_checkpoint_is_resume_failed_before_the_first_step(tmp_path, monkeypatch):
+    """Flipped bytes load silently: every hash is checked while the ranks load (one read of the
+    checkpoint), and a mismatch stops the run before it trains a single step on them."""
     code, rep = run(tmp_path, "--signal-at", "6")
     ckpt = Path(rep["checkpoint"])
+    before = steps(tmp_path)
     weights = ckpt / "model.safetensors"
     data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF  # same size: only the full sha256 check sees it
+    data[-1] ^= 0xFF  # same size: only the full check (every file's hash) sees it
     weights.write_bytes(bytes(data))
-    loads = []
+    loads, micro = [], []
     real_load = toy.Accelerator.load_state
     monkeypatch.setattr(toy.Accelerator, "load_state", lambda self, *a, **k: (loads.append(1), real_load(self, *a, **k)))
-    code, rep = run(tmp_path)
+    code, rep = run(tmp_path, on_micro=lambda n, *_: micro.append(n))
     assert isinstance(code, session_mod.ResumeFailed)
     assert rep["kind"] == "resume_failed" and rep["checkpoint"] == str(ckpt) and "hash mismatch" in rep["detail"]
-    assert loads == []  # the model was never touched
+    assert loads == [1] and micro == [] and steps(tmp_path) == before  # loaded, never trained on
 
 
 def test_missing_random_states_is_an_error(tmp_path):

@@ -2,22 +2,26 @@
 every rank, and where in the epoch to pick up.
 
   choose            rank 0 picks the checkpoint (or a fresh start); the session broadcasts it
-  restore           every rank, from the choice: the four steps below, in order
+  restore           every rank, from the choice: the steps below, in order
   refuse_problem    a checkpoint that failed its check: resume_failed, or bad input if named
   check_compatible  world size, config, samples per step, registered objects
   load_agreed       every rank loads, the worst verdict wins, transient faults are retried
+  FullCheck         rank 0 hashes every file WHILE the ranks load (one read of the checkpoint
+                    from disk, not two); its verdict is refused before the first step
   restore_position  trainer_state.json -> the position, and the batches to skip in the epoch
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +55,7 @@ class Choice:
     message: str = ""
     path: str = ""
     manifest: dict = field(default_factory=dict)
-    problem: str | None = None  # the checkpoint's, from a full check (every sha256)
+    problem: str | None = None  # the checkpoint's, from its quick check (the full one runs while loading)
     code: str | None = None
     explicit: bool = False  # named by the user, not chosen by the supervisor
 
@@ -92,23 +96,30 @@ def _choose(store: CheckpointStore, mode: Any, supervisor_pid: int | None) -> Ch
     else:
         target = Path(mode)
         explicit = True
-    ckpt = store.check(target, full=True)  # every sha256 before anything is touched
+    # the quick check (sizes, the pickle check) before anything is loaded; every file's hash
+    # while the ranks load (FullCheck), before the first step
+    ckpt = store.check(target)
     return Choice("ckpt", path=str(target), manifest=dict(ckpt.manifest or {}), problem=ckpt.problem,
                   code=ckpt.code, explicit=explicit)
 
 
 # ------------------------------------------------------------------ restoring it
-def restore(choice: Choice, collectives: Collectives, *, accelerator: Any, objects: Sequence[Any],
-            registered: Sequence[str], rank: int, world_size: int, micro_batch: int | None, grad_accum: int,
-            config: Mapping[str, Any], allow_changes: Sequence[str], trust_pickle: bool) -> Restored:
+def restore(choice: Choice, collectives: Collectives, *, store: CheckpointStore, accelerator: Any,
+            objects: Sequence[Any], registered: Sequence[str], rank: int, world_size: int, micro_batch: int | None,
+            grad_accum: int, config: Mapping[str, Any], allow_changes: Sequence[str], trust_pickle: bool) -> Restored:
     """Every rank: refuse a checkpoint that failed its check or that this run cannot continue,
-    load it (all ranks agreeing), and read back where to continue."""
+    load it (all ranks agreeing) while rank 0 hashes it, refuse it if a hash is wrong, and read
+    back where to continue."""
     path = Path(choice.path)
     refuse_problem(choice)
     check_compatible(path, choice.manifest, world_size=world_size, micro_batch=micro_batch, grad_accum=grad_accum,
                      config=config, allow_changes=allow_changes, registered=registered)
+    full = FullCheck(store, path) if rank == 0 else None
     tstate = load_agreed(path, lambda: load_once(path, choice.manifest, accelerator=accelerator, objects=objects,
                                                  rank=rank, trust_pickle=trust_pickle), collectives)
+    problem, code = collectives.broadcast(full.result() if full else None)
+    # flipped bytes load silently: what was loaded is never trained on
+    refuse_problem(dataclasses.replace(choice, problem=problem, code=code))
     # Only step % grad_accum matters to accelerate, and we saved at a boundary: 0 is exact,
     # also when OOM recovery changed grad_accum.
     accelerator.step = 0
@@ -160,6 +171,29 @@ def check_compatible(path: Path, manifest: Mapping[str, Any], *, world_size: int
 
 # ------------------------------------------------------------------ loading
 Loaded = tuple[int, str, "dict[str, Any] | None"]  # (verdict, problem, trainer state)
+
+
+class FullCheck:
+    """Every file's hash of checkpoint `path`, in a thread started now: the loaders and this
+    read the same files at the same time, so the disk is read once and the page cache serves
+    the other. result() -> (problem, code), both None when every hash matched."""
+
+    def __init__(self, store: CheckpointStore, path: Path) -> None:
+        self._found: tuple[str | None, str | None] = ("the full check did not finish", UNREADABLE_FILE)
+        self._thread = threading.Thread(target=self._run, args=(store, path), name="trainsup-full-check",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, store: CheckpointStore, path: Path) -> None:
+        try:
+            ckpt = store.check(path, full=True)
+            self._found = (ckpt.problem, ckpt.code)
+        except Exception as e:  # noqa: BLE001 - an I/O error says nothing about the content
+            self._found = (f"full check failed: {one_line(e)}", UNREADABLE_FILE)
+
+    def result(self) -> tuple[str | None, str | None]:
+        self._thread.join()
+        return self._found
 
 
 def load_agreed(path: Path, load: Callable[[], Loaded], collectives: Collectives) -> dict[str, Any]:

@@ -479,7 +479,7 @@ class TrainSession:
             log.info("starting fresh (no checkpoint to resume)")
             return
         restored = resuming.restore(
-            choice, self._collectives, accelerator=self.accelerator, objects=self._objects, registered=self._names,
+            choice, self._collectives, store=self.store, accelerator=self.accelerator, objects=self._objects, registered=self._names,
             rank=self.rank, world_size=self.world_size, micro_batch=self.micro_batch, grad_accum=self.grad_accum,
             config=self.config, allow_changes=self.allow_changes, trust_pickle=self.trust_pickle)
         self.global_step, self.epoch = restored.global_step, restored.epoch
