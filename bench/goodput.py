@@ -1,6 +1,6 @@
 """Goodput under preemption: the stock Accelerate recipe and trainsup, side by side in one run.
 
-    python bench/goodput.py            # every scenario, ~35 min on 2 cores
+    python bench/goodput.py            # every scenario, ~45 min on 2 cores
     python bench/goodput.py --quick    # uninterrupted + a SIGTERM every 20 s, ~5 min
 
 Both systems train the same GPT (bench/goodput_common.py: 2,048 tokens a step, fp32, 1 rank)
@@ -15,7 +15,9 @@ after every interruption (as a requeue or a restart script would):
   sigterm60  the same every 60 s, on a run long enough for >= 4 stops
   sigkill    SIGKILL of the whole process tree (power loss, VM kill) at times drawn from one
              seeded exponential schedule (mean 60 s), the same for both systems
-goodput = the faster uninterrupted wall time of the two for the same steps / this wall time.
+goodput = the fastest uninterrupted wall time of the two systems for the same steps (each run
+before and after the interrupted ones) / this wall time. "step": the run's median step time,
+to see how much the machine's speed drifted between runs.
 Each interruption's cost is split into save (signal -> checkpoint committed), exit (-> the
 process tree gone), restart (relaunch -> first new batch in hand, timestamped in the rank)
 and recomputed steps (trained before the interruption, lost with it). "bitwise": the final
@@ -241,7 +243,7 @@ def table(results: list[Result]) -> str:
             ideal[r.steps] = min(ideal.get(r.steps, float("inf")), r.wall_s)
     plain = {(r.system, r.steps): r for r in results if r.scenario == "uninterrupted"}
     rows = ["| scenario | system | steps | wall | goodput | stops | lost a stop | save | exit | restart | "
-            "recomputed a stop | bitwise | person |", "|" + "---|" * 13]
+            "recomputed a stop | bitwise | person | step |", "|" + "---|" * 14]
     for r in results:
         n = len(r.interruptions)
         lost = (r.wall_s - ideal[r.steps]) / n if n else 0.0
@@ -252,7 +254,7 @@ def table(results: list[Result]) -> str:
             f"| {r.scenario} | {r.system} | {r.steps} | {r.wall_s:.1f} s | {ideal[r.steps] / r.wall_s:.2f} | {n} | "
             f"{lost:.1f} s | {mean(i.save_s for i in r.interruptions):.2f} s | "
             f"{mean(i.exit_s for i in r.interruptions):.2f} s | {mean(i.restart_s for i in r.interruptions):.2f} s | "
-            f"{rec:.1f} steps ({rec * r.step_s:.1f} s) | {bitwise} | {r.person} |")
+            f"{rec:.1f} steps ({rec * r.step_s:.1f} s) | {bitwise} | {r.person} | {1000 * r.step_s:.0f} ms |")
     return "\n".join(rows)
 
 
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the uninterrupted and SIGTERM-every-20-s runs (~5 min)")
     p.add_argument("--short-steps", type=int, default=300, help="steps of the 20 s scenario (>= 4 stops at 20 s)")
-    p.add_argument("--long-steps", type=int, default=1300, help="steps of the 60 s and SIGKILL scenarios")
+    p.add_argument("--long-steps", type=int, default=1500, help="steps of the 60 s and SIGKILL scenarios (>= 4 stops)")
     p.add_argument("--save-every", type=int, default=25, help="both systems' checkpoint interval in steps")
     p.add_argument("--seed", type=int, default=0, help="seeds the SIGKILL schedule")
     p.add_argument("--work", default=None, help="where the runs go (default: a temporary dir, removed)")
@@ -269,8 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="goodput-"))
     plan = [("uninterrupted", args.short_steps), ("sigterm20", args.short_steps)]
     if not args.quick:
+        # the uninterrupted runs both first and last: a shared machine's speed drifts by a few
+        # percent over half an hour, and the ideal is the fastest the machine did
         plan[1:1] = [("uninterrupted", args.long_steps)]
-        plan += [("sigterm60", args.long_steps), ("sigkill", args.long_steps)]
+        plan += [("sigterm60", args.long_steps), ("sigkill", args.long_steps),
+                 ("uninterrupted", args.short_steps), ("uninterrupted", args.long_steps)]
     # the data cache is prepared once, outside every timed run
     subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from goodput_common "
                     "import build, parse_args; build(parse_args(['--out', '.']))", str(HERE)], check=True,

@@ -303,6 +303,7 @@ def test_sd_notify_ready_status_watchdog_stopping_in_order(tmp_path, runs):
         procs = run.wait(lambda: run_processes(run.run_dir), "the run's processes")
         for p in procs:
             assert not {"NOTIFY_SOCKET", "WATCHDOG_USEC"} & set(p.environ()), p.cmdline()
+        run.wait(lambda: notify.messages.count("WATCHDOG=1") >= 2, "a second watchdog ping")
         os.kill(run.proc.pid, signal.SIGTERM)
         assert run.finish() == 75, run.log.read_text()[-3000:]
         run.wait(lambda: notify.messages and notify.messages[-1].startswith("STATUS=exited 75"), "the last STATUS")

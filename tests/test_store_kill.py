@@ -95,9 +95,9 @@ def child_main(root: str, start: int) -> None:
         real_rename(a, b)
         hook("after_" + kind)
 
-    def hash_file(p):
+    def hash_file(p, *args):
         hook("hash:" + Path(p).name)
-        return real_hash(p)
+        return real_hash(p, *args)
 
     os.fsync, os.rename, st.fsync_dir, st._hash_file = fsync, rename, fsync_dir, hash_file
 

@@ -4,7 +4,6 @@ a SIGKILLed supervisor, transient load errors, another job's checkpoint."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle

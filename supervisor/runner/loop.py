@@ -285,6 +285,7 @@ class Runner(Stopping):
             self._start_attempt(now)
         elif self.state != State.WAITING:
             self.blocked_reason = reason
+            self.procs.discard_standby()  # waiting for power, heat or a shutdown: nothing runs meanwhile
             self._transition(State.WAITING, now, f"not starting: {reason}")
         elif reason != self.blocked_reason:
             self.blocked_reason = reason
@@ -395,12 +396,13 @@ class Runner(Stopping):
 
     def _schedule_restart(self, now: float, delay_s: float, why: str, kind: ExitKind) -> None:
         self.backoff_until = now + delay_s
-        self._prepare_standby()
         blocked = self.watchers.blocking(now)
         if blocked is not None:
             self.blocked_reason = blocked
+            self.procs.discard_standby()  # waiting for power, heat or a shutdown: nothing runs meanwhile
             self._transition(State.WAITING, now, f"not restarting after {why}: {blocked}", kind=kind.value)
             return
+        self._prepare_standby()
         self._transition(State.BACKOFF, now, f"restart in {delay_s:.1f} s after {why}", delay_s=round(delay_s, 3),
                          kind=kind.value, restarts=len(self.restart_state.restart_times))
 

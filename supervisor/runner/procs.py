@@ -18,9 +18,10 @@ Why the real one looks like this (docs/platform.md, "Processes and signals"):
   it, so they stay visible (and killable) as its descendants and are reaped here.
 - Child output goes to logs/attempt-N.log through a file descriptor, never a pipe: ranks
   keep writing (and saving) if the supervisor dies, with no EPIPE.
-- A standby (`prepare`): while an attempt of one directly started rank ends, a
-  `python -m train_core.standby` imports torch and accelerate; the next `spawn` of a
-  compatible plan hands it the attempt instead of starting a cold process. It is no
+- A standby (`prepare`): for one directly started rank, a `python -m train_core.standby`
+  imports torch and accelerate (at nice 19 while an attempt trains, else while one ends for
+  a restart); the next `spawn` of a compatible plan hands it the attempt instead of starting
+  a cold process. None while the run waits (power, heat, shutdown). It is no
   descendant of any attempt (`descendants`, `groups` leave it out) until it is used; its
   stdin is a pipe from the supervisor, so it ends when the supervisor does.
 """
@@ -30,9 +31,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import os
-import signal
 import json
+import os
+import resource
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -269,8 +271,6 @@ STANDBY_NICE = 19  # a standby started while an attempt trains imports at this p
 
 def can_restore_priority() -> bool:
     """Whether a process may go back from STANDBY_NICE to our nice value (root, or RLIMIT_NICE)."""
-    import resource
-
     return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - os.getpriority(
         os.PRIO_PROCESS, 0)
 
