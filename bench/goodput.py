@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-steps", type=int, default=1500, help="steps of the 60 s and SIGKILL scenarios (>= 4 stops)")
     p.add_argument("--save-every", type=int, default=25, help="both systems' checkpoint interval in steps")
     p.add_argument("--seed", type=int, default=0, help="seeds the SIGKILL schedule")
+    p.add_argument("--ideal-once", action="store_true", help="the uninterrupted runs only first, not also last")
     p.add_argument("--work", default=None, help="where the runs go (default: a temporary dir, removed)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -274,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         # the uninterrupted runs both first and last: a shared machine's speed drifts by a few
         # percent over half an hour, and the ideal is the fastest the machine did
         plan[1:1] = [("uninterrupted", args.long_steps)]
-        plan += [("sigterm60", args.long_steps), ("sigkill", args.long_steps),
-                 ("uninterrupted", args.short_steps), ("uninterrupted", args.long_steps)]
+        plan += [("sigterm60", args.long_steps), ("sigkill", args.long_steps)]
+        if not args.ideal_once:
+            plan += [("uninterrupted", args.short_steps), ("uninterrupted", args.long_steps)]
     # the data cache is prepared once, outside every timed run
     subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from goodput_common "
                     "import build, parse_args; build(parse_args(['--out', '.']))", str(HERE)], check=True,

@@ -2,7 +2,7 @@
 
     python -m train_core.standby            # started by the supervisor, stdin a pipe from it
 
-The supervisor starts one once an attempt trains (at the lowest CPU priority, so it hardly
+The supervisor starts one once an attempt has trained 60 s (at the lowest CPU priority, so it hardly
 takes from the training, when it may restore the priority afterwards) and otherwise while an
 attempt ends (a crash, an OOM back-off, a hang), so that the next attempt's rank has torch,
 accelerate and torch._dynamo (which the first optimizer built imports) loaded before it is

@@ -52,6 +52,11 @@ from train_core.store import Checkpoint, CheckpointStore
 log = logging.getLogger(__name__)
 
 
+# A standby while an attempt trains only after this long: its imports take ~2.5 s of CPU even
+# at nice 19, which an attempt preempted every 20 s would pay each time (bench/goodput.py).
+IDLE_STANDBY_AFTER_S = 60.0
+
+
 class Runner(Stopping):
     def __init__(
         self,
@@ -333,7 +338,8 @@ class Runner(Stopping):
             return
         self._find_ranks(a)
         self.watchers.on_attempt(list(a.rank_pids.values()))
-        if not a.standby_asked and (a.heartbeat or {}).get("state") == "training" and self.idle_standby:
+        if (not a.standby_asked and self.idle_standby and (a.heartbeat or {}).get("state") == "training"
+                and now - a.started_at >= IDLE_STANDBY_AFTER_S):
             a.standby_asked = True  # training is under way: a standby for a crash, at idle priority
             self._prepare_standby(idle=True)
         w = self.job.watch
