@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from goodput import HERE, REPO, read_log, tree  # noqa: E402
+from goodput import HERE, REPO, prepare, read_log, tree  # noqa: E402
 
 THREADS = os.cpu_count() or 1
 
@@ -128,10 +128,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ranks", default="1,2")
     args = p.parse_args()
-    # the data cache is prepared once, outside every timed run
-    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from goodput_common "
-                    "import build, parse_args; build(parse_args(['--out', '.']))", str(HERE)], check=True,
-                   env=dict(os.environ, PYTHONPATH=str(REPO)))
+    prepare()  # the data cache and bytecode, outside every timed run
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-restart-") as tmp:
         work = Path(tmp)

@@ -16,8 +16,17 @@ after every interruption (as a requeue or a restart script would):
   sigkill    SIGKILL of the whole process tree (power loss, VM kill) at times drawn from one
              seeded exponential schedule (mean 60 s), the same for both systems
 goodput = the fastest uninterrupted wall time of the two systems for the same steps (each run
-before and after the interrupted ones) / this wall time. "step": the run's median step time,
-to see how much the machine's speed drifted between runs.
+before and after the interrupted ones) / this wall time. "step": the run's mean step time
+(steps without a save), to see how much the machine's speed drifted between runs (on a shared
+VM by 10-20 % from run to run). "at equal speed": the same goodput with that drift taken out:
+every run's wall less its steps trained x (its step - the ideal run's step), the ideal being
+the smaller such wall of the two uninterrupted runs.
+"bound": the best goodput any system that restarts cold could reach with this many stops:
+ideal / (ideal + stops x floor), where the floor is what every relaunch pays before its first
+batch even with no launcher, no supervisor and nothing to resume (python, import torch and
+accelerate, the script's set-up: `python bench/stock_recipe.py` on an empty dir, median of 3,
+measured in the same run). A SIGTERM ends every process, so no system can keep torch imported
+across it.
 Each interruption's cost is split into save (signal -> checkpoint committed), exit (-> the
 process tree gone), restart (relaunch -> first new batch in hand, timestamped in the rank)
 and recomputed steps (trained before the interruption, lost with it). "bitwise": the final
@@ -73,11 +82,31 @@ class Result:
     interruptions: list[Interruption] = field(default_factory=list)
     person: int = 0
     digest: str = ""
-    step_s: float = 0.0  # median time of a step without a save
+    step_s: float = 0.0  # mean time of a step without a save
     finished: bool = False
+
+    @property
+    def trained_steps(self) -> int:
+        return self.steps + sum(i.recomputed_steps for i in self.interruptions)
 
 
 # ---------------------------------------------------------------------------------- running
+def child_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1), TOKENIZERS_PARALLELISM="false",
+                PYTHONPATH=str(REPO))
+
+
+def prepare() -> None:
+    """Outside every timed run: the data cache, and bytecode for this repo's modules, as an
+    installed package has (PYTHONDONTWRITEBYTECODE would otherwise make every start of both
+    systems compile their scripts, and trainsup's supervisor and train_core, from source)."""
+    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from goodput_common "
+                    "import build, parse_args; build(parse_args(['--out', '.']))", str(HERE)], check=True,
+                   env=child_env())
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *(str(REPO / d) for d in
+                    ("supervisor", "train_core", "examples", "bench"))], check=True, stdout=subprocess.DEVNULL)
+
+
 def command(system: str, out: Path, steps: int, save_every: int) -> list[str]:
     args = ["--steps", str(steps), "--save-every", str(save_every)]
     if system == "stock":
@@ -141,8 +170,7 @@ def run_one(system: str, scenario: str, steps: int, times: list[tuple[float, str
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     log_path = out / "goodput.jsonl"
-    env = dict(os.environ, GOODPUT_LOG=str(log_path), OMP_NUM_THREADS=str(os.cpu_count() or 1),
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    env = dict(child_env(), GOODPUT_LOG=str(log_path))
     argv = command(system, out, steps, save_every)
     res = Result(system, scenario, steps, 0.0, 0)
     pending = list(times)
@@ -192,7 +220,7 @@ def account(res: Result, log: list[dict], windows: list[tuple[float, float]]) ->
     gaps = [b["t"] - a["t"] for a, b in zip(steps, steps[1:])
             if b["pid"] == a["pid"] and b["step"] == a["step"] + 1
             and not any(a["t"] <= s <= b["t"] for s in saved_at)]
-    res.step_s = statistics.median(gaps) if gaps else 0.0
+    res.step_s = statistics.mean(gaps) if gaps else 0.0
 
     def in_window(i: int, ev: str) -> list[dict]:
         lo, hi = windows[i]
@@ -236,22 +264,51 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def table(results: list[Result]) -> str:
-    ideal = {}
+def floor_s(work: Path, env: dict[str, str], repeats: int = 3) -> float:
+    """What any relaunch pays before its first batch: the plain script on an empty dir, no
+    launcher, no supervisor, nothing to resume (median of `repeats`)."""
+    took = []
+    for k in range(repeats):
+        out = work / f"floor-{k}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        log = out / "goodput.jsonl"
+        t0 = time.time()
+        subprocess.run([sys.executable, str(HERE / "stock_recipe.py"), "--out", str(out), "--steps", "1",
+                        "--save-every", "0"], env=dict(env, GOODPUT_LOG=str(log)), cwd=out, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        took.append(next(e["t"] for e in read_log(log) if e["ev"] == "first_batch") - t0)
+    return statistics.median(took)
+
+
+def table(results: list[Result], floor: float) -> str:
+    ideal: dict[int, Result] = {}
+    for r in results:
+        if r.scenario == "uninterrupted" and (r.steps not in ideal or r.wall_s < ideal[r.steps].wall_s):
+            ideal[r.steps] = r
+
+    def at_ideal_speed(r: Result) -> float:
+        return r.wall_s - r.trained_steps * (r.step_s - ideal[r.steps].step_s)
+
+    ideal_equal = {}
     for r in results:
         if r.scenario == "uninterrupted":
-            ideal[r.steps] = min(ideal.get(r.steps, float("inf")), r.wall_s)
+            ideal_equal[r.steps] = min(ideal_equal.get(r.steps, float("inf")), at_ideal_speed(r))
     plain = {(r.system, r.steps): r for r in results if r.scenario == "uninterrupted"}
-    rows = ["| scenario | system | steps | wall | goodput | stops | lost a stop | save | exit | restart | "
-            "recomputed a stop | bitwise | person | step |", "|" + "---|" * 14]
+    rows = ["| scenario | system | steps | wall | goodput | at equal speed | bound | stops | lost a stop | save | "
+            "exit | restart | recomputed a stop | bitwise | person | step |", "|" + "---|" * 16]
     for r in results:
         n = len(r.interruptions)
-        lost = (r.wall_s - ideal[r.steps]) / n if n else 0.0
+        best = ideal[r.steps]
+        lost = (r.wall_s - best.wall_s) / n if n else 0.0
         rec = mean(i.recomputed_steps for i in r.interruptions)
         ref = plain.get((r.system, r.steps))
         bitwise = "—" if r.scenario == "uninterrupted" else ("yes" if ref and r.digest == ref.digest else "no")
+        equal_speed = ideal_equal[r.steps] / at_ideal_speed(r)
+        bound = best.wall_s / (best.wall_s + n * floor)
         rows.append(
-            f"| {r.scenario} | {r.system} | {r.steps} | {r.wall_s:.1f} s | {ideal[r.steps] / r.wall_s:.2f} | {n} | "
+            f"| {r.scenario} | {r.system} | {r.steps} | {r.wall_s:.1f} s | {best.wall_s / r.wall_s:.2f} | "
+            f"{equal_speed:.2f} | {bound:.2f} | {n} | "
             f"{lost:.1f} s | {mean(i.save_s for i in r.interruptions):.2f} s | "
             f"{mean(i.exit_s for i in r.interruptions):.2f} s | {mean(i.restart_s for i in r.interruptions):.2f} s | "
             f"{rec:.1f} steps ({rec * r.step_s:.1f} s) | {bitwise} | {r.person} | {1000 * r.step_s:.0f} ms |")
@@ -278,11 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         plan += [("sigterm60", args.long_steps), ("sigkill", args.long_steps)]
         if not args.ideal_once:
             plan += [("uninterrupted", args.short_steps), ("uninterrupted", args.long_steps)]
-    # the data cache is prepared once, outside every timed run
-    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from goodput_common "
-                    "import build, parse_args; build(parse_args(['--out', '.']))", str(HERE)], check=True,
-                   env=dict(os.environ, PYTHONPATH=str(REPO)))
+    prepare()
     results = []
+    floor = floor_s(work, child_env())
+    print(f"floor (python + imports + the script's set-up to its first batch): {floor:.2f} s", flush=True)
     try:
         for scenario, steps in plan:
             for system in SYSTEMS:
@@ -299,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"goodput bench: {os.cpu_count()} CPUs, fp32, 1 rank, 2,048 tokens/step, checkpoint every "
           f"{args.save_every} steps, SIGKILL seed {args.seed}")
-    print(table(results))
+    print(table(results, floor))
+    print(f"floor: {floor:.2f} s")
     return 0 if all(r.finished for r in results) else 1
 
 

@@ -3,6 +3,7 @@ torch and accelerate takes the next attempt, as `python script args` would run i
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -15,10 +16,23 @@ from supervisor.runner.launch import LaunchPlan
 from supervisor.runner.procs import OsProcesses
 from train_core.runfiles import RunPaths
 
-PROBE = """import json, os, sys
+
+def priorities(pid: int | str) -> dict:
+    """The nice value of each thread of `pid` (/proc/PID/task/T/stat field 19) and of its
+    autogroup (None without autogroups), as PROBE reports its own."""
+    threads = [int(Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[16])
+               for t in os.listdir(f"/proc/{pid}/task")]
+    try:
+        group = int(Path(f"/proc/{pid}/autogroup").read_text().rsplit("nice", 1)[1])
+    except OSError:
+        group = None
+    return {"threads": threads, "autogroup": group}
+
+
+PROBE = "import json, os, sys\nfrom pathlib import Path\n" + inspect.getsource(priorities) + """
 print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "name": __name__, "path0": sys.path[0],
                   "attempt": os.environ.get("TRAINSUP_ATTEMPT"), "pid": os.getpid(),
-                  "torch_loaded": "torch" in sys.modules, "nice": os.getpriority(os.PRIO_PROCESS, 0)}))
+                  "torch_loaded": "torch" in sys.modules, "priorities": priorities("self")}))
 sys.exit(int(os.environ.get("TRAINSUP_TEST_EXIT", "0")))
 """
 
@@ -26,6 +40,14 @@ sys.exit(int(os.environ.get("TRAINSUP_TEST_EXIT", "0")))
 def plan(script: Path, env: dict[str, str], *args: str) -> LaunchPlan:
     return LaunchPlan((sys.executable, str(script), *args), env, 1, death_signal=False, launcher_is_rank=True,
                       script_argv=(str(script), *args))
+
+
+def wait_ready(paths: RunPaths, timeout_s: float = 120) -> None:
+    log = paths.logs / "standby.log"
+    deadline = time.monotonic() + timeout_s
+    while not (log.exists() and "ready" in log.read_text()):
+        assert time.monotonic() < deadline, "the standby never got ready"
+        time.sleep(0.05)
 
 
 def wait_exit(child, timeout_s: float = 60) -> int:
@@ -56,6 +78,10 @@ def test_standby_takes_the_attempt_like_a_plain_start(setup, tmp_path, idle):
     procs.prepare(plan(script, {**base, "TRAINSUP_ATTEMPT": "1"}), cwd=tmp_path, paths=paths, idle=idle)
     standby_pid = procs.standby[0].pid
     assert standby_pid not in procs.descendants()  # an idle standby is no part of any attempt
+    if idle:  # it imports on CPU time the training leaves: nice 19, every thread and the autogroup
+        wait_ready(paths)
+        seen = priorities(standby_pid)
+        assert set(seen["threads"]) == {19} and seen["autogroup"] in (19, None)
     log = paths.logs / "attempt-2.log"
     child = procs.spawn(plan(script, {**base, "TRAINSUP_ATTEMPT": "2", "TRAINSUP_TEST_EXIT": "75"}, "--x", "1"), log,
                         cwd=tmp_path, paths=paths)
@@ -65,7 +91,11 @@ def test_standby_takes_the_attempt_like_a_plain_start(setup, tmp_path, idle):
     assert seen["argv"] == [str(script), "--x", "1"] and seen["name"] == "__main__"
     assert seen["cwd"] == str(tmp_path) and seen["path0"] == str(script.parent)
     assert seen["attempt"] == "2" and seen["torch_loaded"]  # its own attempt's env; torch was imported before
-    assert seen["nice"] == os.getpriority(os.PRIO_PROCESS, 0)  # an idle standby gets its priority back
+    # an idle standby gets its priority back, on every thread (torch's imports start some) and
+    # its autogroup (a new session's starts at 0)
+    assert len(seen["priorities"]["threads"]) > 1
+    assert set(seen["priorities"]["threads"]) == {os.getpriority(os.PRIO_PROCESS, 0)}
+    assert seen["priorities"]["autogroup"] in (0, None)
     assert "ready" in (paths.logs / "standby.log").read_text()
 
 

@@ -2,14 +2,14 @@
 
     python -m train_core.standby            # started by the supervisor, stdin a pipe from it
 
-The supervisor starts one once an attempt has trained 60 s (at the lowest CPU priority, so it hardly
-takes from the training, when it may restore the priority afterwards) and otherwise while an
-attempt ends (a crash, an OOM back-off, a hang), so that the next attempt's rank has torch,
-accelerate and torch._dynamo (which the first optimizer built imports) loaded before it is
-needed. $TRAINSUP_STANDBY_NICE: the nice value to import at; the one it started with comes
-back before the script runs. When the attempt starts, the supervisor writes one JSON
-line: {"argv": [script, *args], "env": {...}, "cwd": "...", "log": "..."}; the standby
-takes that environment, working directory and output file and runs the script as
+The supervisor starts one once an attempt has trained 60 s (at nice 19, its autogroup too, so it
+runs on CPU time the training leaves, when it may restore the priority afterwards) and
+otherwise while an attempt ends (a crash, an OOM back-off, a hang), so that the next attempt's
+rank has torch, accelerate and torch._dynamo (which the first optimizer built imports) loaded
+before it is needed. $TRAINSUP_STANDBY_NICE: the nice value to import at; every thread of the
+process, and its autogroup, get the values they started with back before the script runs.
+When the attempt starts, the supervisor writes one JSON line:
+{"argv": [script, *args], "env": {...}, "cwd": "...", "log": "..."}; the standby takes that environment, working directory and output file and runs the script as
 `python script args` would (`__main__`, sys.argv, sys.path[0]). End of input without a line:
 the supervisor discarded it (or died); exit 0 at once.
 
@@ -28,6 +28,7 @@ import os
 import runpy
 import sys
 import time
+from pathlib import Path
 
 
 # torch._dynamo: torch.optim's constructors import it on first use (~0.9 s on 2 cores)
@@ -39,11 +40,45 @@ def preload() -> None:
         importlib.import_module(name)
 
 
+AUTOGROUP = Path("/proc/self/autogroup")  # "/autogroup-N nice X" (CONFIG_SCHED_AUTOGROUP)
+
+
+def autogroup_nice() -> int | None:
+    """The nice value of this session's autogroup; None on a kernel without autogroups."""
+    try:
+        return int(AUTOGROUP.read_text().rsplit("nice", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def go_idle(nice: int) -> None:
+    """Import on CPU time the training leaves. The standby has a session of its own, and with
+    autogroups (most kernels) the scheduler shares the CPU between sessions first and looks at a
+    task's nice value only inside its session: a nice-19 standby alone took half the CPU, and
+    training whose threads meet at every parallel region (OpenMP) ran its steps ~7x slower for
+    those seconds (docs/platform.md, "Standby priority"). So the autogroup gets `nice` too."""
+    os.setpriority(os.PRIO_PROCESS, 0, nice)
+    if autogroup_nice() is not None:
+        AUTOGROUP.write_text(str(nice))
+
+
+def restore_priority(nice: int, group_nice: int | None) -> None:
+    """Every thread of this process back to `nice` (per thread on Linux: the imports started
+    some, at the standby's value), and the autogroup back to `group_nice`."""
+    for tid in sorted(int(t) for t in os.listdir("/proc/self/task")):
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+    if group_nice is not None:
+        AUTOGROUP.write_text(str(group_nice))
+
+
 def main() -> int:
-    base = os.getpriority(os.PRIO_PROCESS, 0)
+    base, group_base = os.getpriority(os.PRIO_PROCESS, 0), autogroup_nice()
     nice = os.environ.get("TRAINSUP_STANDBY_NICE")
     if nice:
-        os.setpriority(os.PRIO_PROCESS, 0, int(nice))
+        go_idle(int(nice))
     t0 = time.monotonic()
     preload()
     print(f"trainsup standby: ready (pid {os.getpid()}, imports took {time.monotonic() - t0:.1f} s)", flush=True)
@@ -53,7 +88,7 @@ def main() -> int:
     order = json.loads(line)
     if nice:
         try:
-            os.setpriority(os.PRIO_PROCESS, 0, base)  # the rank trains at the priority it would have had
+            restore_priority(base, group_base)  # the rank trains at the priority it would have had
         except OSError as e:
             print(f"trainsup standby: could not restore nice {base}: {e}", file=sys.stderr, flush=True)
     fd = os.open(order["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)

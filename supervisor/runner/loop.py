@@ -52,8 +52,8 @@ from train_core.store import Checkpoint, CheckpointStore
 log = logging.getLogger(__name__)
 
 
-# A standby while an attempt trains only after this long: its imports take ~2.5 s of CPU even
-# at nice 19, which an attempt preempted every 20 s would pay each time (bench/goodput.py).
+# A standby while an attempt trains only after this long: its imports take CPU time that an
+# attempt preempted every 20 s would lose each time (bench/goodput.py), even at nice 19.
 IDLE_STANDBY_AFTER_S = 60.0
 
 
