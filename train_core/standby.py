@@ -59,7 +59,10 @@ def go_idle(nice: int) -> None:
     those seconds (docs/platform.md, "Standby priority"). So the autogroup gets `nice` too."""
     os.setpriority(os.PRIO_PROCESS, 0, nice)
     if autogroup_nice() is not None:
-        AUTOGROUP.write_text(str(nice))
+        try:
+            AUTOGROUP.write_text(str(nice))
+        except OSError as e:  # e.g. a read-only /proc: still a standby, only a greedier one
+            print(f"trainsup standby: could not lower its autogroup's priority: {e}", file=sys.stderr, flush=True)
 
 
 def restore_priority(nice: int, group_nice: int | None) -> None:
