@@ -20,8 +20,8 @@ Why the real one looks like this (docs/platform.md, "Processes and signals"):
   keep writing (and saving) if the supervisor dies, with no EPIPE.
 - A standby (`prepare`): for one directly started rank, a `python -m train_core.standby`
   imports torch and accelerate (at nice 19, its autogroup too, once an attempt has trained 60 s,
-  else while one ends for a restart); the next `spawn` of a compatible plan hands it the attempt instead of starting
-  a cold process. None while the run waits (power, heat, shutdown). It is no
+  else while one ends for a restart); the next `spawn` of a compatible plan hands it the attempt
+  instead of starting a cold process. None while the run waits (power, heat, shutdown). It is no
   descendant of any attempt (`descendants`, `groups` leave it out) until it is used; its
   stdin is a pipe from the supervisor, so it ends when the supervisor does.
 """
