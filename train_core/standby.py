@@ -9,8 +9,9 @@ rank has torch, accelerate and torch._dynamo (which the first optimizer built im
 before it is needed. $TRAINSUP_STANDBY_NICE: the nice value to import at; every thread of the
 process, and its autogroup, get the values they started with back before the script runs.
 When the attempt starts, the supervisor writes one JSON line:
-{"argv": [script, *args], "env": {...}, "cwd": "...", "log": "..."}; the standby takes that environment, working directory and output file and runs the script as
-`python script args` would (`__main__`, sys.argv, sys.path[0]). End of input without a line:
+{"argv": [script, *args], "env": {...}, "cwd": "...", "log": "..."}; the standby takes that
+environment, working directory and output file and runs the script as `python script args`
+would (`__main__`, sys.argv, sys.path[0]). End of input without a line:
 the supervisor discarded it (or died); exit 0 at once.
 
 What a standby cannot change, the supervisor checks before using one: the environment at
@@ -51,14 +52,15 @@ def autogroup_nice() -> int | None:
         return None
 
 
-def go_idle(nice: int) -> None:
+def go_idle(nice: int, group_nice: int | None) -> None:
     """Import on CPU time the training leaves. The standby has a session of its own, and with
     autogroups (most kernels) the scheduler shares the CPU between sessions first and looks at a
     task's nice value only inside its session: a nice-19 standby alone took half the CPU, and
     training whose threads meet at every parallel region (OpenMP) ran its steps ~7x slower for
-    those seconds (docs/platform.md, "Standby priority"). So the autogroup gets `nice` too."""
+    those seconds (docs/platform.md, "Standby priority"). So the autogroup (its nice value
+    `group_nice`, None without autogroups) gets `nice` too."""
     os.setpriority(os.PRIO_PROCESS, 0, nice)
-    if autogroup_nice() is not None:
+    if group_nice is not None:
         try:
             AUTOGROUP.write_text(str(nice))
         except OSError as e:  # e.g. a read-only /proc: still a standby, only a greedier one
@@ -68,7 +70,7 @@ def go_idle(nice: int) -> None:
 def restore_priority(nice: int, group_nice: int | None) -> None:
     """Every thread of this process back to `nice` (per thread on Linux: the imports started
     some, at the standby's value), and the autogroup back to `group_nice`."""
-    for tid in sorted(int(t) for t in os.listdir("/proc/self/task")):
+    for tid in (int(t) for t in os.listdir("/proc/self/task")):
         try:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
         except ProcessLookupError:  # a thread that ended meanwhile
@@ -81,7 +83,7 @@ def main() -> int:
     base, group_base = os.getpriority(os.PRIO_PROCESS, 0), autogroup_nice()
     nice = os.environ.get("TRAINSUP_STANDBY_NICE")
     if nice:
-        go_idle(int(nice))
+        go_idle(int(nice), group_base)
     t0 = time.monotonic()
     preload()
     print(f"trainsup standby: ready (pid {os.getpid()}, imports took {time.monotonic() - t0:.1f} s)", flush=True)
