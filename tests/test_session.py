@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import importlib.util
 import json
 import os
 import signal
@@ -29,44 +28,14 @@ from train_core.heartbeat import RankWatcher
 from train_core.runfiles import Control, RunPaths, read_json, write_control
 from train_core.signals import StopFlag, ignore_stop_signals_worker_init, parse_signal
 from train_core.store import CheckpointStore
+from toy_inprocess import STOP_SIGNALS, isolated, run, steps, toy  # noqa: F401 - isolated: a fixture
 
-TOY = Path(__file__).parent / "scripts" / "toy_train.py"
-_spec = importlib.util.spec_from_file_location("toy_train", TOY)
-toy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(toy)
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    """Each test: no TRAINSUP_* env from outside, signal handlers and accelerate state restored."""
-    for key in list(os.environ):
-        if key.startswith("TRAINSUP_"):
-            monkeypatch.delenv(key)
-    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+def _isolated(isolated):
+    """Every test here: no TRAINSUP_* env from outside, signal handlers and accelerate state restored."""
     yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def run(run_dir: Path, *args: str, on_micro=None):
-    """Run the toy in-process; (exit code or exception, ranks/exit-0.json)."""
-    try:
-        result = toy.main(["--run-dir", str(run_dir), *args], on_micro=on_micro)
-    except SystemExit as e:
-        result = e.code
-    except BaseException as e:  # noqa: BLE001 - the test inspects it
-        result = e
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return result, read_json(run_dir / "ranks" / "exit-0.json")
-
-
-def steps(run_dir: Path) -> list[int]:
-    return [c.step for c in CheckpointStore(run_dir / "checkpoints").scan() if c.valid]
 
 
 @pytest.fixture(scope="module")

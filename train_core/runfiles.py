@@ -34,6 +34,7 @@ ENV_SUPERVISOR_PID = "TRAINSUP_SUPERVISOR_PID"  # ranks exit (after saving) if i
 ENV_MICRO_BATCH = "TRAINSUP_MICRO_BATCH"  # OOM recovery: override of the script's micro-batch
 ENV_GRAD_ACCUM = "TRAINSUP_GRAD_ACCUM"  # ... and the matching gradient accumulation
 ENV_CHECKPOINT_INTERVAL_STEPS = "TRAINSUP_CHECKPOINT_INTERVAL_STEPS"  # [checkpoint] interval_steps: wins over the script's
+ENV_BACKGROUND_SAVES = "TRAINSUP_BACKGROUND_SAVES"  # [checkpoint] background: "1"/"0" wins over the script's
 ENV_GROUP_SHARED = "TRAINSUP_GROUP_SHARED"  # "1": the job's run dir is shared with the group (checkpoints 0640)
 ENV_STOP_WINDOW_S = "TRAINSUP_STOP_WINDOW_S"  # a rank whose supervisor died exits after this long, saved or not
 

@@ -51,7 +51,7 @@ import torch
 from accelerate.data_loader import skip_first_batches
 from accelerate.utils import set_seed
 
-from train_core import loaders, reporting, safeload, saving, settings
+from train_core import loaders, reporting, safeload, saving, settings, staging
 from train_core import resume as resuming
 from train_core.collectives import Collectives
 from train_core.contract import EXIT_SAVED, EXIT_USAGE, ExitKind, write_exit_report
@@ -62,7 +62,7 @@ from train_core.heartbeat import RankWatcher
 from train_core.position import Position, samples_in_epoch
 from train_core.reporting import RateMeter, announce_rank, exit_report_for
 from train_core.retention import RetentionPolicy
-from train_core.runfiles import ENV_CHECKPOINT_INTERVAL_STEPS, ENV_STOP_WINDOW_S, RunPaths
+from train_core.runfiles import ENV_BACKGROUND_SAVES, ENV_CHECKPOINT_INTERVAL_STEPS, ENV_STOP_WINDOW_S, RunPaths
 from train_core.saving import TRAINER_STATE, custom_file
 from train_core.settings import default_run_dir
 from train_core.signals import StopFlag
@@ -76,6 +76,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PAUSE_POLL_S = 0.2
+WRITER_EXIT_WAIT_S = 30.0  # a process ending on an error still commits the save it staged, given this long
 
 
 class TrainSession:
@@ -100,6 +101,7 @@ class TrainSession:
         resume: str | os.PathLike | None = "auto",
         retention: RetentionPolicy | None = None,
         save_final: bool = True,
+        background_saves: bool | None = None,
     ) -> None:
         settings.check_args(accelerator, micro_batch=micro_batch, grad_accum=grad_accum, max_steps=max_steps,
                             max_epochs=max_epochs, save_every_steps=save_every_steps,
@@ -125,7 +127,10 @@ class TrainSession:
         self._init_run(run_dir)
         self._init_position()
         self._saver = saving.Saver(self.store, self._collectives, accelerator, self._objects, is_main=self.is_main,
-                                   attempt=self.attempt)
+                                   attempt=self.attempt, rank=self.rank, world_size=self.world_size)
+        # periodic saves ("interval", "best", "request") are written in the background unless the
+        # job ([checkpoint] background), the script or the setup (staging.unsupported) says no
+        self.background_saves = settings.env_bool(ENV_BACKGROUND_SAVES, background_saves)
         set_seed(self.seed)  # before the model is built: a fresh run is reproducible
         self._start_watching()
         # When this process exits, whenever and however: the interpreter's final garbage
@@ -264,6 +269,7 @@ class TrainSession:
         """Write ranks/exit-R.json for `exc` (`report`: its kind, code and fields, when not the
         usual ones), stop the threads, release the workers."""
         self._state = "stopped"
+        self.last_checkpoint = self._saver.close(WRITER_EXIT_WAIT_S) or self.last_checkpoint
         try:
             kind, code, fields = report or exit_report_for(exc)
             self._report_exit(kind, code, **fields)
@@ -279,6 +285,7 @@ class TrainSession:
         self.flag.uninstall()
 
     def _teardown(self) -> None:
+        self._saver.close(WRITER_EXIT_WAIT_S)
         try:
             self.watcher.write_status()
         except Exception:  # noqa: BLE001
@@ -391,18 +398,38 @@ class TrainSession:
         # manifest and "interval" + "best" become one checkpoint. The last step's saves merge
         # into the final save.
         if self._pending and self._at_boundary and not self._done():
-            self._save(self._pending)
+            self._save(self._pending, background=self._background())
 
     # ------------------------------------------------------------------ agreement
     def _agree(self) -> tuple[bool, bool, int]:
-        """[stop, pause, save_seq], MAX over ranks: every rank gets the same answer at the same step."""
+        """[stop, pause, save_seq, writing], MAX over ranks: every rank gets the same answer at the
+        same step. When no rank is still writing the background save in flight, its outcome is
+        taken in (a failure raises on every rank)."""
         try:
             self.watcher.poll_control()
         except Exception as e:  # noqa: BLE001 - the watcher thread reads it again soon
             log.warning("could not read %s: %s", self.paths.control, e)
-        stop, pause, seq = self._collectives.all_max(
-            [int(self.flag.is_set()), int(self.watcher.control.pause), int(self.watcher.control.save_seq)])
+        stop, pause, seq, writing = self._collectives.all_max(
+            [int(self.flag.is_set()), int(self.watcher.control.pause), int(self.watcher.control.save_seq),
+             int(self._saver.running())])
+        if self._saver.in_flight is not None and not writing:
+            self._wait_for_save()
         return bool(stop), bool(pause), seq
+
+    def _background(self) -> bool:
+        if not self.background_saves:
+            return False
+        why = staging.unsupported(self.accelerator)
+        if why:
+            log.info("saving synchronously: %s", why)
+            self.background_saves = False
+        return not why
+
+    def _wait_for_save(self) -> None:
+        """Collective: the background save in flight, if any, finished (waits for it)."""
+        ckpt = self._saver.wait(safe=self.last_checkpoint or self.resumed_from)
+        if ckpt is not None:
+            self.last_checkpoint = ckpt
 
     def _boundary(self) -> None:
         stop, pause, seq = self._agree()
@@ -444,29 +471,40 @@ class TrainSession:
             config_fingerprint=self.config_fingerprint,
         )
 
-    def _save(self, reasons: list[str]) -> Checkpoint:
-        """Collective: every rank calls it at the same step. Returns the committed checkpoint."""
+    def _save(self, reasons: list[str], *, background: bool = False) -> Checkpoint | None:
+        """Collective: every rank calls it at the same step. Returns the committed checkpoint,
+        None when it is being written in the background. Any save first waits for the one in
+        flight (a stop's save comes after it: both are kept)."""
         reasons = list(dict.fromkeys(reasons))
         previous_state, self._state = self._state, "saving"
         self.watcher.write_status()
+        self._wait_for_save()
         position = self._position()
         state = position.trainer_state(best_metric=self.best_metric, best_mode=self.best_mode,
                                        best_value=self.best_value, best_step=self.best_step,
                                        metrics=self.metrics, seed=self.seed)
-        ckpt, new = self._saver.save(position, state, reasons=reasons, metrics=self._step_metrics,
-                                     ours=(self.resumed_from, self.last_checkpoint),
-                                     safe=self.last_checkpoint or self.resumed_from)
-        if new:
+        args = dict(reasons=reasons, metrics=self._step_metrics, ours=(self.resumed_from, self.last_checkpoint),
+                    safe=self.last_checkpoint or self.resumed_from)
+        prune = self.is_main and self.retention is not None and self.supervisor_pid is None  # else the supervisor's job
+        if background:
+            result = self._saver.start(position, state, after_commit=self._prune if prune else None, **args)
+        else:
+            result = self._saver.save(position, state, **args)
+        if result is None or result[1]:
             self.tokens_seen, self.samples_seen = position.tokens_seen, position.samples_seen
             self._local_tokens = self._local_samples = 0
-            if self.is_main and self.retention is not None and self.supervisor_pid is None:
-                # under the supervisor, retention is its job
-                saving.prune(self.store, self.retention, [self.resumed_from.step] if self.resumed_from else [])
-        self.last_checkpoint = ckpt
+        if result is not None:
+            ckpt, new = result
+            if new and prune:
+                self._prune()
+            self.last_checkpoint = ckpt
         self._pending.clear()
         self._state = previous_state
         self.watcher.write_status()
-        return ckpt
+        return self.last_checkpoint if result is not None else None
+
+    def _prune(self, _committed: Checkpoint | None = None) -> None:
+        saving.prune(self.store, self.retention, [self.resumed_from.step] if self.resumed_from else [])
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:

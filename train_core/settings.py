@@ -55,6 +55,14 @@ def env_int(name: str) -> int | None:
     return value
 
 
+def env_bool(name: str, default: bool | None) -> bool:
+    """"1"/"0" from the environment wins (the job file's choice); else `default`, where None is True."""
+    raw = os.environ.get(name, "")
+    if raw not in ("", "0", "1"):
+        raise SessionError(f"{name}={raw!r} must be 1 or 0 (or unset)")
+    return raw == "1" if raw else default is not False
+
+
 def env_float(name: str) -> float | None:
     """A positive finite number from the environment, else None."""
     try:

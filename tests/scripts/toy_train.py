@@ -15,6 +15,8 @@ Test hooks (all optional):
   --load-oom NAME[:N]   accelerator.load_state of checkpoint NAME raises torch.OutOfMemoryError,
                         the first N times in this process (default: every time)
   --save-sleep-s S      every save sleeps S seconds before writing (a slow disk, a big model)
+  --write-sleep-s S     every background save's writer sleeps S seconds before writing (ditto,
+                        for saves written in the background)
 On a normal finish rank 0 writes RUN_DIR/final_hash.json (sha256 of model, EMA and optimizer).
 """
 
@@ -36,7 +38,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DataLoaderConfiguration  # noqa: E402
 
-from train_core import TrainSession  # noqa: E402
+from train_core import TrainSession, staging  # noqa: E402
 from train_core.retention import RetentionPolicy  # noqa: E402
 
 
@@ -104,6 +106,15 @@ def patch_for_tests(accelerator: Accelerator, args: argparse.Namespace) -> None:
             return real_save(output_dir, **kw)
 
         accelerator.save_state = save_state
+    if args.write_sleep_s:
+        real_write = staging.write
+
+        def write(staged, tmp, **kw):
+            print(f"toy: slow background write into {tmp.name} ({args.write_sleep_s:g} s)", flush=True)
+            time.sleep(args.write_sleep_s)
+            return real_write(staged, tmp, **kw)
+
+        staging.write = write
 
 
 def main(argv: list[str] | None = None, on_micro=None) -> int:
@@ -130,6 +141,7 @@ def main(argv: list[str] | None = None, on_micro=None) -> int:
     p.add_argument("--sleep-s", type=float, default=0.0)
     p.add_argument("--load-oom", default="")
     p.add_argument("--save-sleep-s", type=float, default=0.0)
+    p.add_argument("--write-sleep-s", type=float, default=0.0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
