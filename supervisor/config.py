@@ -86,6 +86,7 @@ class LaunchConfig:
 class CheckpointConfig:
     interval_steps: int = 0  # passed to ranks as TRAINSUP_CHECKPOINT_INTERVAL_STEPS; 0 = script decides
     interval_s: float = 0.0  # the supervisor asks for a save (control.json save_seq) this often; 0 = off
+    background: bool | None = None  # periodic saves written in the background; None: the script decides (yes)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,9 @@ class RestartConfig:
 class StopConfig:
     grace_s: float = 60.0  # from the save request until ranks are SIGTERMed
     kill_after_s: float = 10.0  # from SIGTERM to the rank groups until SIGKILL
+    # what a stop really has when the platform gives less than grace_s (Slurm's --signal lead, a
+    # spot VM's notice); 0: grace_s. No stop starts a save that cannot finish within it.
+    budget_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -387,6 +391,7 @@ def parse_job(doc: Mapping[str, Any], *, base_dir: Path, job_file: Path | None =
     checkpoint = CheckpointConfig(
         interval_steps=c.int("interval_steps", 0, low=0, hint=" (0: the script decides)"),
         interval_s=c.float("interval_s", 0.0, low=0.0, hint=" (0 turns it off)"),
+        background=c.bool("background", None),
     )
     c.done()
     retention = _read_retention(top.section("retention"))
@@ -395,6 +400,7 @@ def parse_job(doc: Mapping[str, Any], *, base_dir: Path, job_file: Path | None =
     stop = StopConfig(
         grace_s=s.float("grace_s", StopConfig.grace_s, low=0.0, low_open=True, hint=" (time for ranks to save)"),
         kill_after_s=s.float("kill_after_s", StopConfig.kill_after_s, low=0.0),
+        budget_s=s.float("budget_s", StopConfig.budget_s, low=0.0, hint=" (0: grace_s)"),
     )
     s.done()
     w = top.section("watch")

@@ -14,10 +14,15 @@ class StopTraining(BaseException):
     """Raised out of the loop after the stop checkpoint is committed; the session turns it
     into exit code 75. A BaseException so a user's `except Exception` does not swallow it."""
 
-    def __init__(self, checkpoint: Any, why: str):  # checkpoint: a train_core.store.Checkpoint
-        super().__init__(f"stopped on request ({why}); checkpoint {checkpoint.path}")
+    def __init__(self, checkpoint: Any, why: str, *, unsaved: str = "", lost_steps: int = 0):
+        # checkpoint: a train_core.store.Checkpoint, the newest one; None only when `unsaved`
+        # says why no save was made (the stop's budget could not hold one)
+        where = f"checkpoint {checkpoint.path}" if checkpoint is not None else "no checkpoint"
+        super().__init__(f"stopped on request ({why}); {where}" + (f"; not saved: {unsaved}" if unsaved else ""))
         self.checkpoint = checkpoint
         self.why = why
+        self.unsaved = unsaved
+        self.lost_steps = lost_steps
 
 
 class ResumeFailed(Exception):

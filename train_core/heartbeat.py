@@ -30,6 +30,7 @@ class ControlState:
     def __init__(self, initial_save_seq: int) -> None:
         self.pause = False
         self.save_seq = initial_save_seq
+        self.stop_budget_s = 0.0  # a stop's own budget (logind's delay), when control.json gives one
 
 
 class RankWatcher:
@@ -92,8 +93,10 @@ class RankWatcher:
         if read_json(self.paths.control) is None:
             return
         ctl = read_control(self.paths.control)
-        if ctl.stop and not self.flag.is_set():
-            self.flag.set(f"control.json stop ({ctl.reason or 'no reason given'})")
+        if ctl.stop:
+            self.control.stop_budget_s = ctl.budget_s
+            if not self.flag.is_set():
+                self.flag.set(f"control.json stop ({ctl.reason or 'no reason given'})")
         self.control.pause = ctl.pause
         if ctl.save_seq > self.control.save_seq:
             self.control.save_seq = ctl.save_seq

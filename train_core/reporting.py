@@ -41,6 +41,10 @@ def announce_rank(paths: RunPaths, *, rank: int, local_rank: int, world_size: in
 def exit_report_for(exc: BaseException) -> tuple[ExitKind, int, dict[str, Any]]:
     """(kind, exit code, report fields) for a session that ends in `exc`."""
     if isinstance(exc, StopTraining):
+        if exc.unsaved:  # stopped as asked, from the newest checkpoint; the steps since are lost
+            return ExitKind.SAVED, EXIT_SAVED, {
+                "checkpoint": exc.checkpoint.path if exc.checkpoint is not None else None,
+                "detail": f"{exc.why}; not saved: {exc.unsaved}", "lost_steps": exc.lost_steps}
         return ExitKind.SAVED, EXIT_SAVED, {"checkpoint": exc.checkpoint.path, "detail": exc.why}
     if isinstance(exc, ResumeFailed):
         return ExitKind.RESUME_FAILED, EXIT_INTERNAL, {"checkpoint": exc.checkpoint, "detail": exc.problem,

@@ -37,6 +37,7 @@ ENV_CHECKPOINT_INTERVAL_STEPS = "TRAINSUP_CHECKPOINT_INTERVAL_STEPS"  # [checkpo
 ENV_BACKGROUND_SAVES = "TRAINSUP_BACKGROUND_SAVES"  # [checkpoint] background: "1"/"0" wins over the script's
 ENV_GROUP_SHARED = "TRAINSUP_GROUP_SHARED"  # "1": the job's run dir is shared with the group (checkpoints 0640)
 ENV_STOP_WINDOW_S = "TRAINSUP_STOP_WINDOW_S"  # a rank whose supervisor died exits after this long, saved or not
+ENV_STOP_BUDGET_S = "TRAINSUP_STOP_BUDGET_S"  # a stop has this long to save (no save starts that cannot finish)
 
 NO_FLOCK_ERRNOS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)  # e.g. Lustre without -o flock, NFS without lockd
 
@@ -123,6 +124,10 @@ class RunPaths:
         return self.run_dir / "supervisor.json"
 
     @property
+    def costs(self) -> Path:
+        return self.run_dir / "costs.json"
+
+    @property
     def control(self) -> Path:
         return self.run_dir / "control.json"
 
@@ -170,6 +175,7 @@ class Control:
     save_seq: int = 0
     reason: str = ""
     updated_at: float = 0.0
+    budget_s: float = 0.0  # this stop's own budget when shorter than $TRAINSUP_STOP_BUDGET_S (0: none)
 
 
 def read_control(path: str | os.PathLike) -> Control:
@@ -180,6 +186,7 @@ def read_control(path: str | os.PathLike) -> Control:
         save_seq=int(obj.get("save_seq", 0) or 0),
         reason=str(obj.get("reason", "")),
         updated_at=float(obj.get("updated_at", 0.0) or 0.0),
+        budget_s=float(obj.get("budget_s", 0.0) or 0.0),
     )
 
 

@@ -73,6 +73,8 @@ class InFlight:
         self.error = ""  # why it failed; "" when it worked
         self.path: Path | None = None  # rank 0: where it was committed
         self.staged_bytes = 0
+        self.stage_s = 0.0  # the copy to memory (the training waited for it)
+        self.written_s = 0.0  # the writer's part: files, and on rank 0 the wait for every rank and the commit
 
 
 class Saver:
@@ -125,6 +127,7 @@ class Saver:
         tmp, existing = self._decide(position.global_step, ours)
         if existing is not None:
             return existing, False
+        t0 = time.monotonic()
         try:
             if self._scratch is None:
                 self._scratch = staging.scratch_dir()
@@ -137,7 +140,7 @@ class Saver:
             raise self._failed(tmp, f"copying {name} to memory failed{': ' + error if error else ' on another rank'}",
                                safe)
         job = self.in_flight = InFlight(tmp, position.global_step, reasons, metrics)
-        job.staged_bytes = staged.nbytes
+        job.staged_bytes, job.stage_s = staged.nbytes, time.monotonic() - t0
         threading.Thread(target=self._write_in_background, args=(job, staged, position, trainer_state, after_commit),
                          name=f"trainsup-save-{position.global_step}", daemon=True).start()
         return None
@@ -184,6 +187,7 @@ class Saver:
 
     def _write_in_background(self, job: InFlight, staged: staging.Staged, position: Position,
                              trainer_state: dict[str, Any], after_commit: Any) -> None:
+        t0 = time.monotonic()
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
         except OSError:
@@ -208,6 +212,7 @@ class Saver:
         except BaseException as e:  # noqa: BLE001 - the session must learn of it, never hang
             job.error = one_line(e)
         finally:
+            job.written_s = time.monotonic() - t0
             job.done.set()
 
     def _leave_marker(self, job: InFlight, error: str) -> None:

@@ -51,6 +51,7 @@ import torch
 from accelerate.data_loader import skip_first_batches
 from accelerate.utils import set_seed
 
+from train_core import costs as costing
 from train_core import loaders, reporting, safeload, saving, settings, staging
 from train_core import resume as resuming
 from train_core.collectives import Collectives
@@ -62,7 +63,8 @@ from train_core.heartbeat import RankWatcher
 from train_core.position import Position, samples_in_epoch
 from train_core.reporting import RateMeter, announce_rank, exit_report_for
 from train_core.retention import RetentionPolicy
-from train_core.runfiles import ENV_BACKGROUND_SAVES, ENV_CHECKPOINT_INTERVAL_STEPS, ENV_STOP_WINDOW_S, RunPaths
+from train_core.runfiles import (ENV_BACKGROUND_SAVES, ENV_CHECKPOINT_INTERVAL_STEPS, ENV_STOP_BUDGET_S,
+                                 ENV_STOP_WINDOW_S, RunPaths)
 from train_core.saving import TRAINER_STATE, custom_file
 from train_core.settings import default_run_dir
 from train_core.signals import StopFlag
@@ -131,6 +133,8 @@ class TrainSession:
         # periodic saves ("interval", "best", "request") are written in the background unless the
         # job ([checkpoint] background), the script or the setup (staging.unsupported) says no
         self.background_saves = settings.env_bool(ENV_BACKGROUND_SAVES, background_saves)
+        self.stop_budget_s = settings.env_float(ENV_STOP_BUDGET_S)  # None: a stop always saves
+        self.costs = costing.load(self.paths.costs) if self.is_main else costing.Costs()
         set_seed(self.seed)  # before the model is built: a fresh run is reproducible
         self._start_watching()
         # When this process exits, whenever and however: the interpreter's final garbage
@@ -179,6 +183,8 @@ class TrainSession:
         self._state = "starting"
         self._last_loss: Any = None
         self._rates = RateMeter(self.world_size)
+        self._last_boundary: float | None = None  # time.monotonic() of the last optimizer-step boundary
+        self._stalled_s = 0.0  # of the time since, spent saving
 
     def _start_watching(self) -> None:
         """The stop signals, ranks/rank-R.json and alive.lock, the heartbeat/control thread."""
@@ -344,12 +350,19 @@ class TrainSession:
             self._at_boundary = False
             return  # mid gradient-accumulation: never save here
         self.global_step += 1
+        self._time_step()
         self._at_boundary = True
         self._epoch_complete = bool(self.accelerator.gradient_state.end_of_dataloader)
         self._step_metrics = {}
         self._boundary()
         if self.save_every_steps and self.global_step % self.save_every_steps == 0:
             self._pending.append("interval")
+
+    def _time_step(self) -> None:
+        now = time.monotonic()
+        if self._last_boundary is not None:
+            self.costs = self.costs.stepped(max(0.0, now - self._last_boundary - self._stalled_s))
+        self._last_boundary, self._stalled_s = now, 0.0
 
     def should_evaluate(self) -> bool:
         due = bool(
@@ -427,9 +440,19 @@ class TrainSession:
 
     def _wait_for_save(self) -> None:
         """Collective: the background save in flight, if any, finished (waits for it)."""
+        job = self._saver.in_flight
         ckpt = self._saver.wait(safe=self.last_checkpoint or self.resumed_from)
         if ckpt is not None:
             self.last_checkpoint = ckpt
+            self._measured(self.costs.saved(job.stage_s + job.written_s, background=True))
+
+    def _measured(self, costs: costing.Costs) -> None:
+        self.costs = costs
+        if self.is_main:
+            try:
+                self.costs = costing.store(self.paths.costs, self.costs)
+            except OSError as e:
+                log.warning("could not write %s: %s", self.paths.costs, e)
 
     def _boundary(self) -> None:
         stop, pause, seq = self._agree()
@@ -444,12 +467,50 @@ class TrainSession:
             self._state = "training"
             self.watcher.write_status()
         if stop:
-            why = self.flag.describe() if self.flag.is_set() else "another rank was asked to stop"
-            ckpt = self._save(["preempt", *self._pending])
-            raise StopTraining(ckpt, why)
+            self._stop(self.flag.describe() if self.flag.is_set() else "another rank was asked to stop")
         if seq > self._handled_save_seq:
             self._handled_save_seq = seq
             self._pending.append("request")
+
+    def _stop(self, why: str) -> None:
+        """Collective: save and raise StopTraining, unless the stop's budget cannot hold the save:
+        then no save starts (a save cut off by a kill is worth nothing) and the steps since the
+        newest checkpoint are named as lost. A background save in flight is waited for while the
+        budget lasts (its state is already in memory), then abandoned."""
+        left = self._collectives.broadcast(self._stop_time_left() if self.is_main else None)
+        if left is not None and self._saver.in_flight is not None:
+            if self._collectives.all_ok(self._saver.in_flight.done.wait(max(0.0, left))):
+                self._wait_for_save()
+            else:
+                step = self._saver.in_flight.step
+                self._saver.close(0.0)
+                self._stop_unsaved(why, f"the background save of step {step} could not finish within the stop's "
+                                        f"{self._stop_budget():.1f} s")
+            left = self._collectives.broadcast(self._stop_time_left() if self.is_main else None)
+        if left is not None and not self._collectives.broadcast(
+                costing.save_fits(left, self.costs.save_s) if self.is_main else None):
+            self._stop_unsaved(why, f"{max(0.0, left):.1f} s of the stop's {self._stop_budget():.1f} s were left and a "
+                                    f"save takes about {self.costs.save_s:.1f} s")
+        raise StopTraining(self._save(["preempt", *self._pending]), why)
+
+    def _stop_budget(self) -> float | None:
+        """The current stop's budget in seconds: the job's, or control.json's when shorter; None: unbounded."""
+        budgets = [b for b in (self.stop_budget_s, self.watcher.control.stop_budget_s) if b and b > 0]
+        return min(budgets) if budgets else None
+
+    def _stop_time_left(self) -> float | None:
+        budget = self._stop_budget()
+        if budget is None:
+            return None
+        since = self.flag.set_at if self.flag.set_at is not None else time.monotonic()
+        return budget - (time.monotonic() - since)
+
+    def _stop_unsaved(self, why: str, reason: str) -> None:
+        last = self.last_checkpoint or self.resumed_from
+        lost = self.global_step - (last.step if last is not None else 0)
+        log.warning("stopping without a save: %s; the %d step(s) since %s are lost", reason, lost,
+                    last.path.name if last is not None else "the start")
+        raise StopTraining(last, why, unsaved=reason, lost_steps=lost)
 
     # ------------------------------------------------------------------ saving
     def _position(self) -> Position:
@@ -478,7 +539,9 @@ class TrainSession:
         reasons = list(dict.fromkeys(reasons))
         previous_state, self._state = self._state, "saving"
         self.watcher.write_status()
+        t_wait = time.monotonic()
         self._wait_for_save()
+        t0 = time.monotonic()
         position = self._position()
         state = position.trainer_state(best_metric=self.best_metric, best_mode=self.best_mode,
                                        best_value=self.best_value, best_step=self.best_step,
@@ -493,12 +556,18 @@ class TrainSession:
         if result is None or result[1]:
             self.tokens_seen, self.samples_seen = position.tokens_seen, position.samples_seen
             self._local_tokens = self._local_samples = 0
-        if result is not None:
+        now = time.monotonic()
+        if result is None:
+            self.costs = self.costs.stalled(now - t_wait)
+        else:
             ckpt, new = result
-            if new and prune:
-                self._prune()
+            if new:
+                self._measured(self.costs.saved(now - t0, background=False).stalled(now - t_wait))
+                if prune:
+                    self._prune()
             self.last_checkpoint = ckpt
         self._pending.clear()
+        self._stalled_s += now - t_wait
         self._state = previous_state
         self.watcher.write_status()
         return self.last_checkpoint if result is not None else None
@@ -542,11 +611,12 @@ class TrainSession:
         }
 
     def _report_exit(self, kind: ExitKind, code: int, *, checkpoint: Any = None, detail: str = "",
-                     transient: bool = False) -> None:
+                     transient: bool = False, lost_steps: int | None = None) -> None:
         if checkpoint is None and self.last_checkpoint is not None:
             checkpoint = self.last_checkpoint.path
         write_exit_report(self.paths, self.rank, self.attempt, kind, code, **self._where(), transient=transient,
-                          checkpoint=str(checkpoint) if checkpoint is not None else None, detail=detail)
+                          checkpoint=str(checkpoint) if checkpoint is not None else None, detail=detail,
+                          lost_steps=lost_steps)
 
     def _status(self) -> dict[str, Any]:
         return reporting.status(attempt=self.attempt, state=self._state, where=self._where(), max_steps=self.max_steps,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Callable, Iterable
 
 from train_core.runfiles import ENV_SAVE_SIGNAL
@@ -51,17 +52,21 @@ class StopFlag:
         self._event = threading.Event()
         self.signum: int | None = None
         self.reason: str = ""
+        self.set_at: float | None = None  # time.monotonic() when first set: a stop's budget runs from here
         self._previous: dict[int, object] = {}
 
     # The handler: two attribute stores and an Event.set, nothing that can block or do I/O.
     def _handler(self, signum: int, frame: object) -> None:
         if self.signum is None:
             self.signum = signum
+        if self.set_at is None:
+            self.set_at = time.monotonic()
         self._event.set()
 
     def set(self, reason: str) -> None:
         if not self._event.is_set():
             self.reason = reason
+            self.set_at = time.monotonic()
         self._event.set()
 
     def is_set(self) -> bool:

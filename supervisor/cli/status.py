@@ -13,6 +13,7 @@ import click
 
 from supervisor.cli.common import resolve_run_dir
 from supervisor.cli.console import _fmt_num
+from train_core import costs as costing
 from train_core.contract import pid_alive
 
 # --------------------------------------------------------------------------- status
@@ -52,6 +53,8 @@ def collect_status(run_dir: Path) -> dict[str, Any]:
         "watchers": sup.get("watchers") or {},
         "batch": {k: hb.get(k) for k in ("micro_batch", "grad_accum", "world_size")} if hb.get("micro_batch") else None,
         "launch_env": sup.get("launch_env"),
+        "costs": costing.as_dict(costing.load(paths.costs)),
+        "stop_budget": sup.get("stop_budget"),
     }
 
 
@@ -94,6 +97,9 @@ def format_status(st: dict[str, Any]) -> str:
     ]
     if st.get("batch"):
         lines.insert(-1, format_batch(st["batch"], st.get("launch_env") or {}))
+    saving = format_saving(st.get("costs") or {}, st.get("stop_budget") or {})
+    if saving:
+        lines.append(saving)
     if ev:
         when = dt.datetime.fromtimestamp(ev.get("ts", 0)).strftime("%Y-%m-%d %H:%M:%S")
         rest = {k: v for k, v in ev.items() if k not in ("ts", "time", "event", "argv")}
@@ -107,6 +113,21 @@ def format_status(st: dict[str, Any]) -> str:
         else:
             lines.append(f"{name + ':':<16} {watcher_summary(ws)}")
     return "\n".join(lines)
+
+
+def format_saving(costs: dict[str, Any], budget: dict[str, Any]) -> str:
+    """What a save costs (RUN_DIR/costs.json) and whether a stop's budget holds one."""
+    parts = []
+    if costs.get("save_s") is not None:
+        parts.append(f"a save {costs['save_s']:.2f} s ({costs.get('save_measured') or '?'})")
+    if costs.get("stall_s") is not None:
+        parts.append(f"stalls training {costs['stall_s'] * 1e3:.0f} ms")
+    if costs.get("step_s") is not None:
+        parts.append(f"a step {costs['step_s']:.2f} s")
+    if budget.get("budget_s"):
+        parts.append(f"stop budget {budget['budget_s']:g} s" + (f": TOO SHORT, {budget['problem']}"
+                                                                  if budget.get("problem") else ""))
+    return f"{'saving:':<16} " + ", ".join(parts) if parts else ""
 
 
 def watcher_summary(ws: Any) -> str:

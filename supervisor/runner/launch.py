@@ -19,6 +19,7 @@ from typing import Mapping
 
 from supervisor.config import JobConfig
 from train_core import runfiles
+from supervisor.runner.budget import stop_budget_s
 from train_core.contract import outlast_stop_s, stop_window_s
 
 log = logging.getLogger(__name__)
@@ -116,11 +117,15 @@ def attempt_environment(job: JobConfig, *, attempt: int, resume_from: Path | Non
     env.setdefault(runfiles.ENV_SAVE_SIGNAL, "SIGUSR1")
     env[runfiles.ENV_SUPERVISOR_PID] = str(supervisor_pid)
     env[runfiles.ENV_STOP_WINDOW_S] = str(stop_window_s(job.stop.grace_s, job.stop.kill_after_s))
+    env[runfiles.ENV_STOP_BUDGET_S] = str(stop_budget_s(job))
     env.pop(runfiles.ENV_GROUP_SHARED, None)
     if job.group_shared:
         env[runfiles.ENV_GROUP_SHARED] = "1"
     if job.checkpoint.interval_steps:
         env[runfiles.ENV_CHECKPOINT_INTERVAL_STEPS] = str(job.checkpoint.interval_steps)
+    env.pop(runfiles.ENV_BACKGROUND_SAVES, None)
+    if job.checkpoint.background is not None:
+        env[runfiles.ENV_BACKGROUND_SAVES] = "1" if job.checkpoint.background else "0"
     env.pop(runfiles.ENV_RESUME_FROM, None)
     if resume_from is not None:
         env[runfiles.ENV_RESUME_FROM] = str(resume_from)

@@ -41,6 +41,7 @@ from supervisor.runner.policy import (
 )
 from supervisor.runner.procs import OsProcesses, ProcessTable, can_restore_priority
 from supervisor.runner.states import ALLOWED, ACTIVE, State, TransitionError
+from supervisor.runner.budget import BudgetCheck
 from supervisor.runner.stopping import Stopping
 from supervisor.runner.watchers import WatcherSet
 from supervisor.watch import Action, Decision, Watcher
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 IDLE_STANDBY_AFTER_S = 60.0
 
 
-class Runner(Stopping):
+class Runner(Stopping, BudgetCheck):
     def __init__(
         self,
         job: JobConfig,
@@ -103,6 +104,9 @@ class Runner(Stopping):
         self.blocked_reason: str | None = None
         self._last_save_request = 0.0
         self._last_supervisor_json = 0.0
+        self.budget_seen: float | None = None  # costs.json's updated_at when last checked
+        self.budget_reported: float | None = None  # the save cost a short budget was reported with
+        self.budget_state: dict[str, Any] | None = None
         self.events: EventLog | None = None
         self.started_at = wall_clock()
 
@@ -156,6 +160,7 @@ class Runner(Stopping):
             log.info("the earlier run's ranks are gone after %.1f s; starting", waited_s)
         for p in self.ckpts.remove_stale_tmp():
             log.info("removed stale uncommitted save %s", p.name)
+        self._check_budget()  # with the costs an earlier attempt measured
         # Attempt numbers are unique in a run dir, across supervisors: a heartbeat or exit report
         # left by an earlier run is never mistaken for this one's, and no log is reused.
         self.attempts = self._first_attempt = max(
@@ -209,6 +214,7 @@ class Runner(Stopping):
         self.procs.reap(self._children())
         self._read_heartbeat(now)
         self._refresh_checkpoints(now)
+        self._check_budget()
         for name, d in self.watchers.poll(now):
             self._act(name, d, now)
         self._echo_output()
@@ -273,7 +279,7 @@ class Runner(Stopping):
         elif d.action is Action.SAVE:
             self._set_control(save_seq=self.control.save_seq + 1, reason=d.reason)
         elif d.action is Action.STOP and self.state in (State.STARTING, State.RUNNING):
-            self._request_stop(now, f"{name}: {d.reason}")
+            self._request_stop(now, f"{name}: {d.reason}", budget_s=float(d.details.get("budget_s") or 0.0))
 
     def _set_control(self, **changes: Any) -> None:
         self.control = replace(self.control, **changes)
@@ -375,6 +381,11 @@ class Runner(Stopping):
         self._event("attempt_exit", attempt=a.number, kind=c.kind.value, detail=c.detail,
                     launcher=status.describe(), step=a.max_step, newest_checkpoint=self.newest_step,
                     ranks_reported=len(reports), duration_s=round(now - a.started_at, 3))
+        unsaved = [r for r in reports if isinstance(r.get("lost_steps"), int)][:1]
+        for r in unsaved:  # the stop's budget could not hold a save: what was lost, and why
+            self._event("stop_unsaved", attempt=a.number, lost_steps=r["lost_steps"], step=r.get("step"),
+                        checkpoint=r.get("checkpoint"), reason=r.get("detail"))
+            log.warning("stopped without a save (%s): %d step(s) lost", r.get("detail"), r["lost_steps"])
         log.info("attempt %d ended: %s (%s)", a.number, c.kind.value, c.detail)
         if c.kind is ExitKind.RESUME_FAILED and a.resume is not None:
             self._fall_back(a.resume, c.detail, keep=c.transient)

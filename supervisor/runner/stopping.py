@@ -68,10 +68,11 @@ class Stopping:
         if sig == signal.SIGINT:
             log.info("Ctrl-C again to stop at once without saving")
 
-    def _request_stop(self: Runner, now: float, cause: str, *, hung: bool = False) -> None:
+    def _request_stop(self: Runner, now: float, cause: str, *, hung: bool = False, budget_s: float = 0.0) -> None:
+        """`budget_s`: this stop's own budget when shorter than the job's (logind's delay)."""
         a = self.attempt
         a.begin_stop(now, cause, grace_s=self.job.stop.grace_s, newest_step=self.newest_step, hung=hung)
-        self._set_control(stop=True, reason=cause)
+        self._set_control(stop=True, reason=cause, budget_s=budget_s)
         self._find_ranks(a)
         a.signal_ranks(self.procs, self.save_signal)
         if self.state != State.STOPPING:

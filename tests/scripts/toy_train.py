@@ -38,9 +38,8 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DataLoaderConfiguration  # noqa: E402
 
-from train_core import TrainSession, staging  # noqa: E402
+from train_core import TrainSession  # noqa: E402
 from train_core.retention import RetentionPolicy  # noqa: E402
-
 
 class EMA:
     """Exponential moving average of the parameters (a registered, checkpointed object)."""
@@ -106,15 +105,21 @@ def patch_for_tests(accelerator: Accelerator, args: argparse.Namespace) -> None:
             return real_save(output_dir, **kw)
 
         accelerator.save_state = save_state
-    if args.write_sleep_s:
-        real_write = staging.write
 
-        def write(staged, tmp, **kw):
-            print(f"toy: slow background write into {tmp.name} ({args.write_sleep_s:g} s)", flush=True)
-            time.sleep(args.write_sleep_s)
-            return real_write(staged, tmp, **kw)
 
-        staging.write = write
+def slow_background_writes(session: TrainSession, seconds: float) -> None:
+    """--write-sleep-s: this session's background writer sleeps before writing (in this session
+    only: the in-process tests run many sessions in one process)."""
+    saver = session._saver
+    real = saver._write_files
+
+    def write_files(tmp, trainer_state, staged=None):
+        if staged is not None:
+            print(f"toy: slow background write into {tmp.name} ({seconds:g} s)", flush=True)
+            time.sleep(seconds)
+        return real(tmp, trainer_state, staged)
+
+    saver._write_files = write_files
 
 
 def main(argv: list[str] | None = None, on_micro=None) -> int:
@@ -156,6 +161,8 @@ def main(argv: list[str] | None = None, on_micro=None) -> int:
         resume=None if args.resume == "never" else args.resume,
         retention=RetentionPolicy(keep_last=args.keep_last, keep_best=0) if args.keep_last else None,
     )
+    if args.write_sleep_s:
+        slow_background_writes(session, args.write_sleep_s)
     model = torch.nn.Sequential(torch.nn.Linear(8, args.hidden), torch.nn.GELU(), torch.nn.Dropout(0.2),
                                 torch.nn.Linear(args.hidden, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)

@@ -1,0 +1,153 @@
+"""Background saves against synchronous ones, fp32 on this CPU, side by side in one run.
+
+    python bench/bench_background.py                          # ~10 min on 2 cores
+    python bench/bench_background.py --steps 100 --repeats 1  # quicker, noisier
+
+stall  In one process, the demo's model at its defaults (examples/gpt: ~1.3 M parameters,
+       AdamW, an EMA): how long a periodic save blocks the training loop, written
+       synchronously (files, BLAKE3, fsync, commit) and in the background (the copy to memory;
+       the writer is left to finish before the next one), medians of --saves. Also: the
+       writer's own time, the bytes one staged copy holds, the RSS before and the peak.
+wall   The demo itself (examples/gpt/train.py --mixed-precision no --eval-every 0, run
+       plainly, each run in a fresh run dir) trained --steps steps with no checkpoint, with
+       one after EVERY step written synchronously, and with one after every step written in
+       the background; its own "trained steps" time (the end of the first step to the last,
+       so start-up is left out); every checkpoint is counted on disk afterwards (none may be
+       coalesced away). Runs interleave (none, sync, background) --repeats times; medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import psutil  # noqa: E402
+
+from train_core.runfiles import ENV_BACKGROUND_SAVES  # noqa: E402
+from train_core.store import CheckpointStore  # noqa: E402
+
+DEMO = REPO / "examples" / "gpt" / "train.py"
+TRAINED = re.compile(r"trained steps \d+\.\.(\d+): [\d,]+ tokens in ([\d.]+) s")
+
+
+def stall(saves: int, root: Path) -> dict[str, float]:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from examples.gpt.model import EMA, GPT, GPTConfig
+    from examples.gpt.train import parse_args
+    from train_core.session import TrainSession
+
+    a = parse_args([])
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    acc = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    session = TrainSession(acc, config={"bench": 1}, micro_batch=a.micro_batch, grad_accum=1, max_steps=10**6,
+                           run_dir=root / "stall", resume=None)
+    model = GPT(GPTConfig(vocab_size=a.vocab_size, block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
+                          n_embd=a.n_embd, dropout=0.0))
+    opt = model.configure_optimizer(weight_decay=0.1, lr=1e-3, betas=(0.9, 0.95))
+    data = torch.randint(0, a.vocab_size, (a.micro_batch * 64, a.block_size + 1))
+    dl = session.dataloader(torch.utils.data.TensorDataset(data), shuffle=True)
+    model, opt, dl = session.prepare(model, opt, dl)
+    ema = session.register("ema", EMA(acc.unwrap_model(model)))
+    sync_s, stall_s, writer_s = [], [], []
+    with session:
+        it = iter(session.batches(dl))
+        for _ in range(3):  # warm up; AdamW's state exists
+            (xy,) = next(it)
+            _, loss = model(xy[:, :-1], xy[:, 1:])
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            ema.update(acc.unwrap_model(model))
+            session.step_done()
+        rss_before = psutil.Process().memory_info().rss
+        for i in range(saves):
+            os.sync()  # each measurement starts without the previous one's dirty pages
+            session.global_step = 1000 + 2 * i
+            t0 = time.perf_counter()
+            session._save(["interval"])
+            sync_s.append(time.perf_counter() - t0)
+            os.sync()
+            session.global_step += 1
+            t0 = time.perf_counter()
+            session._save(["interval"], background=True)
+            stall_s.append(time.perf_counter() - t0)
+            job = session._saver.in_flight
+            staged = job.staged_bytes
+            job.done.wait()
+            writer_s.append(time.perf_counter() - t0)
+            session._wait_for_save()
+            shutil.rmtree(root / "stall" / "checkpoints")
+        session.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"sync_s": statistics.median(sync_s), "stall_s": statistics.median(stall_s),
+            "writer_s": statistics.median(writer_s), "staged_mb": staged / 2**20,
+            "rss_before_mb": rss_before / 2**20, "rss_peak_mb": peak / 2**20}
+
+
+def demo(steps: int, save_every: int, background: bool, root: Path) -> tuple[float, int]:
+    """The demo's trained-steps seconds, and the checkpoints it left on disk."""
+    run_dir = Path(tempfile.mkdtemp(prefix="demo-", dir=root))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSUP_")}
+    env.update({ENV_BACKGROUND_SAVES: "1" if background else "0", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)})
+    out = subprocess.run([sys.executable, str(DEMO), "--max-steps", str(steps), "--save-every", str(save_every),
+                          "--mixed-precision", "no", "--eval-every", "0", "--sample-tokens", "0",
+                          "--run-dir", str(run_dir)], env=env, capture_output=True, text=True, check=True)
+    m = TRAINED.search(out.stdout)
+    if not m or int(m.group(1)) != steps:
+        raise SystemExit(f"no timing in the demo's output:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    saved = sum(1 for c in CheckpointStore(run_dir / "checkpoints").scan() if c.valid)
+    shutil.rmtree(run_dir)
+    return float(m.group(2)), saved
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=150, help="demo steps per wall run")
+    p.add_argument("--repeats", type=int, default=3, help="wall runs of each kind")
+    p.add_argument("--saves", type=int, default=7, help="saves of each kind in the stall part")
+    p.add_argument("--dir", help="where to write (default: a temp dir; put it on the disk you train on)")
+    args = p.parse_args()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    root = Path(tempfile.mkdtemp(prefix="bench-background-", dir=args.dir))
+    try:
+        s = stall(args.saves, root)
+        print(f"stall per periodic save (median of {args.saves}): synchronous {s['sync_s'] * 1e3:.1f} ms, "
+              f"background {s['stall_s'] * 1e3:.1f} ms = {s['stall_s'] / s['sync_s']:.3f} x synchronous "
+              f"(the writer then takes {s['writer_s'] * 1e3:.0f} ms); one staged copy {s['staged_mb']:.1f} MiB, "
+              f"RSS {s['rss_before_mb']:.0f} MiB before, peak {s['rss_peak_mb']:.0f} MiB", flush=True)
+        demo(2, 0, True, root)  # the data cache, bytecode: outside the timed runs
+        walls: dict[str, list[float]] = {"none": [], "sync": [], "background": []}
+        for _ in range(args.repeats):
+            for kind, every in (("none", 0), ("sync", 1), ("background", 1)):
+                wall, saved = demo(args.steps, every, kind == "background", root)
+                expected = args.steps if every else 1  # the final save is always there
+                if saved != expected:
+                    raise SystemExit(f"{kind}: {saved} checkpoints on disk, expected {expected}")
+                walls[kind].append(wall)
+                print(f"  {kind:>10}: {wall:.1f} s, {saved} checkpoints", flush=True)
+        none = statistics.median(walls["none"])
+        print(f"demo, {args.steps} steps, a checkpoint after every step (median of {args.repeats}): "
+              + ", ".join(f"{k} {statistics.median(v):.1f} s ({statistics.median(v) / none:.3f} x none)"
+                          for k, v in walls.items()), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""A stop's budget against what a save costs: reported when it cannot hold one step plus one
+save, at start (from the costs an earlier attempt measured) and whenever the ranks re-measure
+(RUN_DIR/costs.json, train_core.costs). A part of Runner, kept apart like stopping.py."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from train_core import costs as costing
+
+if TYPE_CHECKING:
+    from supervisor.config import JobConfig
+    from supervisor.runner.loop import Runner
+
+log = logging.getLogger(__name__)
+
+RE_REPORT_CHANGE = 0.2  # a short budget is reported again when the save cost moved this much
+
+
+def stop_budget_s(job: JobConfig) -> float:
+    """What a stop has to save: grace_s, or [stop] budget_s when the platform gives less."""
+    return min(b for b in (job.stop.grace_s, job.stop.budget_s) if b > 0)
+
+
+class BudgetCheck:
+    """Mixed into Runner: whether a stop's budget holds one step plus one save."""
+
+    def _check_budget(self: Runner) -> None:
+        c = costing.load(self.paths.costs)
+        if c.updated_at == self.budget_seen:
+            return
+        self.budget_seen = c.updated_at
+        budget = stop_budget_s(self.job)
+        problem = costing.budget_problem(budget, c)
+        self.budget_state = {"budget_s": budget, **costing.as_dict(c), "problem": problem}
+        reported = self.budget_reported
+        if problem is None or (reported is not None and abs(c.save_s - reported) <= RE_REPORT_CHANGE * reported):
+            if problem is None:
+                self.budget_reported = None
+            return
+        self.budget_reported = c.save_s
+        self._event("stop_budget_short", budget_s=budget, save_s=c.save_s, step_s=c.step_s,
+                    save_measured=c.save_measured, message=problem)
+        log.warning("stop budget too short: %s", problem)
+
+    def budget_status(self: Runner) -> dict[str, Any] | None:
+        return self.budget_state
