@@ -84,7 +84,11 @@ class LaunchConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    interval_steps: int = 0  # passed to ranks as TRAINSUP_CHECKPOINT_INTERVAL_STEPS; 0 = script decides
+    interval_steps: int | str = 0  # passed to ranks as TRAINSUP_CHECKPOINT_INTERVAL_STEPS; 0 = script decides;
+    # "auto": chosen by the ranks from the save cost and the failure history (train_core/interval.py)
+    expected_mtbf_s: float = 3600.0  # "auto"'s prior: one unannounced failure (crash, OOM, hang, kill) this often
+    min_interval_steps: int = 1  # "auto"'s floor
+    max_interval_s: float = 1800.0  # "auto"'s ceiling: never more than this much work at risk
     interval_s: float = 0.0  # the supervisor asks for a save (control.json save_seq) this often; 0 = off
     background: bool | None = None  # periodic saves written in the background; None: the script decides (yes)
 
@@ -389,7 +393,10 @@ def parse_job(doc: Mapping[str, Any], *, base_dir: Path, job_file: Path | None =
     launch = _read_launch(top.section("launch"))
     c = top.section("checkpoint")
     checkpoint = CheckpointConfig(
-        interval_steps=c.int("interval_steps", 0, low=0, hint=" (0: the script decides)"),
+        interval_steps=_interval_steps(c),
+        expected_mtbf_s=c.float("expected_mtbf_s", CheckpointConfig.expected_mtbf_s, low=0.0, low_open=True),
+        min_interval_steps=c.int("min_interval_steps", CheckpointConfig.min_interval_steps, low=1),
+        max_interval_s=c.float("max_interval_s", CheckpointConfig.max_interval_s, low=0.0, low_open=True),
         interval_s=c.float("interval_s", 0.0, low=0.0, hint=" (0 turns it off)"),
         background=c.bool("background", None),
     )
@@ -472,6 +479,13 @@ def _read_launch(s: Section) -> LaunchConfig:
         s.fail(f'= "python" runs one process; use launcher = "accelerate" for num_processes = {launch.num_processes}',
                "launcher")
     return launch
+
+
+def _interval_steps(c: Any) -> int | str:
+    if c._get("interval_steps") == "auto":
+        return "auto"
+    return c.int("interval_steps", 0, low=0, hint=' (0: the script decides; "auto": chosen from the save cost '
+                                              'and the failure history)')
 
 
 def _read_retention(s: Section) -> RetentionPolicy:

@@ -6,6 +6,9 @@ across attempts (torch-free: the supervisor reads it to check a stop's budget).
   stall_s  what one periodic save kept the training loop waiting (a background save: the copy
            to memory; a synchronous one: all of it): the checkpoint cost C of the interval choice
   step_s   an optimizer step, saves left out (a running mean)
+  cost_s   C, what one periodic save cost the training in all: its stall plus the time steps
+           lost while its background writer shared the machine
+  interval_steps, mtbf_s, optimum_s   the "auto" interval's latest choice, from C and M
 
 A stop's budget (train_core.session, supervisor.runner.budget) must hold one step (the stop
 lands mid-step; the step finishes first) plus one save.
@@ -32,6 +35,10 @@ class Costs:
     save_measured: str = ""  # "sync" or "background": how save_s was timed
     stall_s: float | None = None
     step_s: float | None = None
+    cost_s: float | None = None
+    interval_steps: int | None = None
+    mtbf_s: float | None = None
+    optimum_s: float | None = None
     updated_at: float = 0.0
 
     def saved(self, seconds: float, *, background: bool) -> "Costs":
@@ -81,8 +88,12 @@ def load(path: str | os.PathLike) -> Costs:
         return float(v) if ok else None
 
     measured = obj.get("save_measured")
+    interval = obj.get("interval_steps")
     return Costs(save_s=number("save_s"), save_measured=measured if measured in ("sync", "background") else "",
-                 stall_s=number("stall_s"), step_s=number("step_s"), updated_at=number("updated_at") or 0.0)
+                 stall_s=number("stall_s"), step_s=number("step_s"), cost_s=number("cost_s"),
+                 interval_steps=interval if isinstance(interval, int) and not isinstance(interval, bool)
+                 and interval > 0 else None, mtbf_s=number("mtbf_s"), optimum_s=number("optimum_s"),
+                 updated_at=number("updated_at") or 0.0)
 
 
 def store(path: str | os.PathLike, costs: Costs) -> Costs:

@@ -37,6 +37,7 @@ ENV_CHECKPOINT_INTERVAL_STEPS = "TRAINSUP_CHECKPOINT_INTERVAL_STEPS"  # [checkpo
 ENV_BACKGROUND_SAVES = "TRAINSUP_BACKGROUND_SAVES"  # [checkpoint] background: "1"/"0" wins over the script's
 ENV_GROUP_SHARED = "TRAINSUP_GROUP_SHARED"  # "1": the job's run dir is shared with the group (checkpoints 0640)
 ENV_STOP_WINDOW_S = "TRAINSUP_STOP_WINDOW_S"  # a rank whose supervisor died exits after this long, saved or not
+ENV_AUTO_INTERVAL = "TRAINSUP_AUTO_INTERVAL"  # interval_steps "auto": JSON {expected_mtbf_s, min_steps, max_s, failures, uptime_s}
 ENV_STOP_BUDGET_S = "TRAINSUP_STOP_BUDGET_S"  # a stop has this long to save (no save starts that cannot finish)
 
 NO_FLOCK_ERRNOS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)  # e.g. Lustre without -o flock, NFS without lockd
@@ -122,6 +123,10 @@ class RunPaths:
     @property
     def supervisor(self) -> Path:
         return self.run_dir / "supervisor.json"
+
+    @property
+    def failures(self) -> Path:
+        return self.run_dir / "failures.json"
 
     @property
     def costs(self) -> Path:

@@ -44,6 +44,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -52,7 +53,7 @@ from accelerate.data_loader import skip_first_batches
 from accelerate.utils import set_seed
 
 from train_core import costs as costing
-from train_core import loaders, reporting, safeload, saving, settings, staging
+from train_core import interval, loaders, reporting, safeload, saving, settings, staging
 from train_core import resume as resuming
 from train_core.collectives import Collectives
 from train_core.contract import EXIT_SAVED, EXIT_USAGE, ExitKind, write_exit_report
@@ -63,8 +64,7 @@ from train_core.heartbeat import RankWatcher
 from train_core.position import Position, samples_in_epoch
 from train_core.reporting import RateMeter, announce_rank, exit_report_for
 from train_core.retention import RetentionPolicy
-from train_core.runfiles import (ENV_BACKGROUND_SAVES, ENV_CHECKPOINT_INTERVAL_STEPS, ENV_STOP_BUDGET_S,
-                                 ENV_STOP_WINDOW_S, RunPaths)
+from train_core.runfiles import ENV_BACKGROUND_SAVES, ENV_STOP_BUDGET_S, ENV_STOP_WINDOW_S, RunPaths
 from train_core.saving import TRAINER_STATE, custom_file
 from train_core.settings import default_run_dir
 from train_core.signals import StopFlag
@@ -94,7 +94,7 @@ class TrainSession:
         grad_accum: int | None = None,
         max_steps: int | None = None,
         max_epochs: int | None = None,
-        save_every_steps: int = 0,
+        save_every_steps: int | str = 0,
         eval_every_steps: int = 0,
         best_metric: str = "val_loss",
         best_mode: str = "min",
@@ -114,8 +114,9 @@ class TrainSession:
         self.seed = int(seed)
         self.max_steps = max_steps
         self.max_epochs = max_epochs
-        # the job file's [checkpoint] interval_steps, when the supervisor passes one, wins
-        self.save_every_steps = settings.env_int(ENV_CHECKPOINT_INTERVAL_STEPS) or save_every_steps
+        # the job file's [checkpoint] interval_steps, when the supervisor passes one, wins; "auto":
+        # chosen from the save cost and the failure history (_rechoose_interval, train_core/interval.py)
+        self.save_every_steps, self.auto_interval = settings.save_interval(save_every_steps)
         self.eval_every_steps = eval_every_steps
         self.best_metric = best_metric
         self.best_mode = best_mode
@@ -185,6 +186,9 @@ class TrainSession:
         self._rates = RateMeter(self.world_size)
         self._last_boundary: float | None = None  # time.monotonic() of the last optimizer-step boundary
         self._stalled_s = 0.0  # of the time since, spent saving
+        self._drag_s = 0.0  # steps' extra time while the save in flight was being written (part of its cost)
+        self._last_save_step = 0  # the step of the newest save started (an "auto" interval counts from it)
+        self._started_at = time.monotonic()
 
     def _start_watching(self) -> None:
         """The stop signals, ranks/rank-R.json and alive.lock, the heartbeat/control thread."""
@@ -247,6 +251,8 @@ class TrainSession:
         except BaseException as exc:
             self._exit_with(exc)
             raise
+        self._last_save_step = self.global_step
+        self._rechoose_interval()
         self._state = "training"
         self.watcher.write_status()
         return self
@@ -355,13 +361,20 @@ class TrainSession:
         self._epoch_complete = bool(self.accelerator.gradient_state.end_of_dataloader)
         self._step_metrics = {}
         self._boundary()
-        if self.save_every_steps and self.global_step % self.save_every_steps == 0:
+        if self.save_every_steps and (self.global_step - self._last_save_step >= self.save_every_steps
+                                      if self.auto_interval else self.global_step % self.save_every_steps == 0):
             self._pending.append("interval")
 
     def _time_step(self) -> None:
+        """The step's time; a step taken while a background save was being written counts its
+        extra time towards that save's cost, not towards the step time."""
         now = time.monotonic()
         if self._last_boundary is not None:
-            self.costs = self.costs.stepped(max(0.0, now - self._last_boundary - self._stalled_s))
+            took = max(0.0, now - self._last_boundary - self._stalled_s)
+            if self._saver.in_flight is not None and self.costs.step_s is not None:
+                self._drag_s += max(0.0, took - self.costs.step_s)
+            else:
+                self.costs = self.costs.stepped(took)
         self._last_boundary, self._stalled_s = now, 0.0
 
     def should_evaluate(self) -> bool:
@@ -444,7 +457,39 @@ class TrainSession:
         ckpt = self._saver.wait(safe=self.last_checkpoint or self.resumed_from)
         if ckpt is not None:
             self.last_checkpoint = ckpt
-            self._measured(self.costs.saved(job.stage_s + job.written_s, background=True))
+            self._measured(replace(self.costs.saved(job.stage_s + job.written_s, background=True),
+                                   cost_s=(self.costs.stall_s or job.stage_s) + self._drag_s))
+            self._drag_s = 0.0
+            self._rechoose_interval()
+
+    def _rechoose_interval(self) -> None:
+        """Collective, "auto" only: rank 0 chooses the interval (Young/Daly, train_core/interval.py)
+        from C, the step time and M; every rank takes its choice. A change goes into costs.json,
+        which the supervisor turns into an event."""
+        auto = self.auto_interval
+        if auto is None:
+            return
+        mine, choice = 0, None
+        if self.is_main:
+            c = self.costs
+            if c.cost_s is None or c.step_s is None:  # not measured yet: save soon, which measures it
+                mine = auto.min_steps
+            else:
+                choice = interval.choose(c_s=c.cost_s, step_s=c.step_s, prior_s=auto.expected_mtbf_s,
+                                         uptime_s=auto.uptime_s + time.monotonic() - self._started_at,
+                                         failures=auto.failures, min_steps=auto.min_steps, max_s=auto.max_s)
+                current = self.save_every_steps or None
+                mine = choice.steps if interval.worth_changing(current, choice.steps) else current
+        steps = self._collectives.all_max([mine])[0]
+        if steps == self.save_every_steps:
+            return
+        self.save_every_steps = steps
+        log.info("checkpoint interval: %d step(s)%s", steps, f" (C {choice.c_s:.3f} s, M {choice.m_s:.0f} s)"
+                 if choice else " until the save cost is measured")
+        if choice is not None:
+            self._measured(replace(self.costs, interval_steps=steps, mtbf_s=choice.m_s, optimum_s=choice.t_s))
+        elif self.is_main:
+            self._measured(replace(self.costs, interval_steps=steps))
 
     def _measured(self, costs: costing.Costs) -> None:
         self.costs = costs
@@ -557,12 +602,15 @@ class TrainSession:
             self.tokens_seen, self.samples_seen = position.tokens_seen, position.samples_seen
             self._local_tokens = self._local_samples = 0
         now = time.monotonic()
+        self._last_save_step = position.global_step
         if result is None:
             self.costs = self.costs.stalled(now - t_wait)
         else:
             ckpt, new = result
             if new:
-                self._measured(self.costs.saved(now - t0, background=False).stalled(now - t_wait))
+                self._measured(replace(self.costs.saved(now - t0, background=False).stalled(now - t_wait),
+                                       cost_s=now - t_wait))
+                self._rechoose_interval()
                 if prune:
                     self._prune()
             self.last_checkpoint = ckpt

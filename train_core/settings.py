@@ -3,15 +3,18 @@ supervisor passes (torch-free)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from train_core.errors import SessionError
-from train_core.runfiles import (ENV_ATTEMPT, ENV_CHECKPOINT_DIR, ENV_GRAD_ACCUM, ENV_GROUP_SHARED, ENV_MICRO_BATCH,
-                                 ENV_RUN_DIR, ENV_SUPERVISOR_PID, RunPaths)
+from train_core.runfiles import (ENV_ATTEMPT, ENV_AUTO_INTERVAL, ENV_CHECKPOINT_DIR, ENV_CHECKPOINT_INTERVAL_STEPS,
+                                 ENV_GRAD_ACCUM, ENV_GROUP_SHARED, ENV_MICRO_BATCH, ENV_RUN_DIR, ENV_SUPERVISOR_PID,
+                                 RunPaths)
 from train_core.store import CheckpointStore
 
 
@@ -72,6 +75,33 @@ def env_float(name: str) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
+@dataclass(frozen=True)
+class AutoInterval:
+    """save_every_steps "auto" (train_core/interval.py): its prior, floor and ceiling, and the
+    failure history of the run before this attempt (the supervisor's RUN_DIR/failures.json)."""
+
+    expected_mtbf_s: float = 3600.0
+    min_steps: int = 1
+    max_s: float = 1800.0
+    failures: int = 0
+    uptime_s: float = 0.0
+
+
+def save_interval(script_value: int | str) -> tuple[int, AutoInterval | None]:
+    """(a fixed interval in steps, 0: none), or (0, the "auto" settings): the job file's
+    $TRAINSUP_CHECKPOINT_INTERVAL_STEPS wins over the script's `save_every_steps`."""
+    raw = os.environ.get(ENV_CHECKPOINT_INTERVAL_STEPS, "")
+    if raw != "auto" and (raw or script_value != "auto"):
+        return env_int(ENV_CHECKPOINT_INTERVAL_STEPS) or int(script_value), None
+    try:
+        given = json.loads(os.environ.get(ENV_AUTO_INTERVAL) or "{}")
+        auto = AutoInterval(**{k: type(getattr(AutoInterval, k))(v) for k, v in given.items()
+                               if k in AutoInterval.__dataclass_fields__})
+    except (ValueError, TypeError) as e:
+        raise SessionError(f"{ENV_AUTO_INTERVAL} is not what trainsup writes ({e}); unset it") from None
+    return 0, auto
+
+
 def check_args(accelerator: Any, *, micro_batch: Any, grad_accum: Any, max_steps: Any, max_epochs: Any,
                save_every_steps: Any, eval_every_steps: Any, best_mode: Any) -> None:
     """SessionError naming the fix for an argument TrainSession cannot work with."""
@@ -83,10 +113,11 @@ def check_args(accelerator: Any, *, micro_batch: Any, grad_accum: Any, max_steps
         ("save_every_steps", save_every_steps, 0, False),
         ("eval_every_steps", eval_every_steps, 0, False),
     ):
-        if value is None and optional:
+        if value is None and optional or (name == "save_every_steps" and value == "auto"):
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise SessionError(f"TrainSession({name}=...) must be an integer >= {low}, got {value!r}")
+            also = ' or "auto"' if name == "save_every_steps" else ""
+            raise SessionError(f"TrainSession({name}=...) must be an integer >= {low}{also}, got {value!r}")
     if best_mode not in ("min", "max"):
         raise SessionError(f'TrainSession(best_mode=...) must be "min" or "max", got {best_mode!r}')
     if max_steps is None and max_epochs is None:

@@ -124,6 +124,10 @@ def format_saving(costs: dict[str, Any], budget: dict[str, Any]) -> str:
         parts.append(f"stalls training {costs['stall_s'] * 1e3:.0f} ms")
     if costs.get("step_s") is not None:
         parts.append(f"a step {costs['step_s']:.2f} s")
+    if costs.get("interval_steps"):
+        m = f", M {costs['mtbf_s']:.0f} s" if costs.get("mtbf_s") is not None else ""
+        c = f"C {costs['cost_s'] * 1e3:.0f} ms" if costs.get("cost_s") is not None else "C not measured yet"
+        parts.append(f"interval {costs['interval_steps']} step(s) (auto: {c}{m})")
     if budget.get("budget_s"):
         parts.append(f"stop budget {budget['budget_s']:g} s" + (f": TOO SHORT, {budget['problem']}"
                                                                   if budget.get("problem") else ""))

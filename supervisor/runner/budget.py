@@ -1,6 +1,7 @@
-"""A stop's budget against what a save costs: reported when it cannot hold one step plus one
-save, at start (from the costs an earlier attempt measured) and whenever the ranks re-measure
-(RUN_DIR/costs.json, train_core.costs). A part of Runner, kept apart like stopping.py."""
+"""What the ranks measured of saving (RUN_DIR/costs.json, train_core.costs), turned into events:
+a stop's budget that cannot hold one step plus one save (at start, from the costs an earlier
+attempt measured, and whenever the ranks re-measure), and each new choice of the "auto"
+checkpoint interval. A part of Runner, kept apart like stopping.py."""
 
 from __future__ import annotations
 
@@ -23,14 +24,18 @@ def stop_budget_s(job: JobConfig) -> float:
     return min(b for b in (job.stop.grace_s, job.stop.budget_s) if b > 0)
 
 
-class BudgetCheck:
-    """Mixed into Runner: whether a stop's budget holds one step plus one save."""
+class CostWatch:
+    """Mixed into Runner: whether a stop's budget holds one step plus one save; the interval."""
 
-    def _check_budget(self: Runner) -> None:
+    def _check_costs(self: Runner) -> None:
         c = costing.load(self.paths.costs)
-        if c.updated_at == self.budget_seen:
+        if c.updated_at == self.costs_seen:
             return
-        self.budget_seen = c.updated_at
+        self.costs_seen = c.updated_at
+        if c.interval_steps is not None and c.interval_steps != self.interval_seen:
+            self.interval_seen = c.interval_steps
+            self._event("checkpoint_interval", interval_steps=c.interval_steps, cost_s=c.cost_s, mtbf_s=c.mtbf_s,
+                        optimum_s=c.optimum_s, step_s=c.step_s)
         budget = stop_budget_s(self.job)
         problem = costing.budget_problem(budget, c)
         self.budget_state = {"budget_s": budget, **costing.as_dict(c), "problem": problem}

@@ -13,6 +13,7 @@ is shown or written as a time of day (events, supervisor.json, quarantine names)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -26,7 +27,7 @@ from typing import Any, Callable, Sequence
 from supervisor import rundir
 from supervisor.config import JobConfig, save_signal_of
 from supervisor.events import EventLog
-from supervisor.runner import launch, oom, report
+from supervisor.runner import history, launch, oom, report
 from supervisor.runner.attempt import Attempt
 from supervisor.runner.checkpoints import RunCheckpoints
 from supervisor.runner.inbox import SignalInbox
@@ -41,7 +42,7 @@ from supervisor.runner.policy import (
 )
 from supervisor.runner.procs import OsProcesses, ProcessTable, can_restore_priority
 from supervisor.runner.states import ALLOWED, ACTIVE, State, TransitionError
-from supervisor.runner.budget import BudgetCheck
+from supervisor.runner.budget import CostWatch
 from supervisor.runner.stopping import Stopping
 from supervisor.runner.watchers import WatcherSet
 from supervisor.watch import Action, Decision, Watcher
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 IDLE_STANDBY_AFTER_S = 60.0
 
 
-class Runner(Stopping, BudgetCheck):
+class Runner(Stopping, CostWatch):
     def __init__(
         self,
         job: JobConfig,
@@ -104,9 +105,11 @@ class Runner(Stopping, BudgetCheck):
         self.blocked_reason: str | None = None
         self._last_save_request = 0.0
         self._last_supervisor_json = 0.0
-        self.budget_seen: float | None = None  # costs.json's updated_at when last checked
+        self.costs_seen: float | None = None  # costs.json's updated_at when last checked
+        self.interval_seen: int | None = None  # the "auto" interval last reported
         self.budget_reported: float | None = None  # the save cost a short budget was reported with
         self.budget_state: dict[str, Any] | None = None
+        self.history = history.History()
         self.events: EventLog | None = None
         self.started_at = wall_clock()
 
@@ -160,7 +163,8 @@ class Runner(Stopping, BudgetCheck):
             log.info("the earlier run's ranks are gone after %.1f s; starting", waited_s)
         for p in self.ckpts.remove_stale_tmp():
             log.info("removed stale uncommitted save %s", p.name)
-        self._check_budget()  # with the costs an earlier attempt measured
+        self._check_costs()  # with the costs an earlier attempt measured
+        self.history = history.recover(self.paths)
         # Attempt numbers are unique in a run dir, across supervisors: a heartbeat or exit report
         # left by an earlier run is never mistaken for this one's, and no log is reused.
         self.attempts = self._first_attempt = max(
@@ -214,7 +218,7 @@ class Runner(Stopping, BudgetCheck):
         self.procs.reap(self._children())
         self._read_heartbeat(now)
         self._refresh_checkpoints(now)
-        self._check_budget()
+        self._check_costs()
         for name, d in self.watchers.poll(now):
             self._act(name, d, now)
         self._echo_output()
@@ -317,8 +321,10 @@ class Runner(Stopping, BudgetCheck):
             self.batch.restore(self.paths.events, resume)
         self.attempts += 1
         number = self.attempts
+        self.history = history.started(self.paths, self.history, self.wall_clock())
         plan = launch.build_launch(self.job, attempt=number, resume_from=resume.path if resume else None,
-                                   supervisor_pid=os.getpid(), base_env=os.environ, attempt_env=self.batch.env,
+                                   supervisor_pid=os.getpid(), base_env=os.environ,
+                                   attempt_env={**self.batch.env, **self._auto_interval_env()},
                                    port=launch.free_port() if launch.needs_port(self.job) else None)
         log_path = self.paths.logs / f"attempt-{number}.log"
         child = self.procs.spawn(plan, log_path, cwd=self._cwd(), paths=self.paths)
@@ -328,6 +334,15 @@ class Runner(Stopping, BudgetCheck):
                          f"attempt {number}: " + (f"resuming from {resume.path.name}" if resume else "fresh start"),
                          pid=child.pid, resume_from=str(resume.path) if resume else None,
                          log=str(log_path), argv=list(plan.argv), standby=child.from_standby)
+
+    def _auto_interval_env(self) -> dict[str, str]:
+        """interval_steps = "auto": what the ranks choose it from (train_core/interval.py)."""
+        c = self.job.checkpoint
+        if c.interval_steps != "auto":
+            return {}
+        return {runfiles.ENV_AUTO_INTERVAL: json.dumps({
+            "expected_mtbf_s": c.expected_mtbf_s, "min_steps": c.min_interval_steps, "max_s": c.max_interval_s,
+            "failures": self.history.failures, "uptime_s": round(self.history.uptime_s, 1)})}
 
     def _find_ranks(self, a: Attempt) -> None:
         a.find_ranks(self.paths, self.procs, launcher_is_rank=a.plan.launcher_is_rank)
@@ -381,6 +396,8 @@ class Runner(Stopping, BudgetCheck):
         self._event("attempt_exit", attempt=a.number, kind=c.kind.value, detail=c.detail,
                     launcher=status.describe(), step=a.max_step, newest_checkpoint=self.newest_step,
                     ranks_reported=len(reports), duration_s=round(now - a.started_at, 3))
+        self.history = history.ended(self.paths, self.history, now - a.started_at, c.kind,
+                                     asked_to_stop=self.user_stop is not None or c.kind is ExitKind.SAVED)
         unsaved = [r for r in reports if isinstance(r.get("lost_steps"), int)][:1]
         for r in unsaved:  # the stop's budget could not hold a save: what was lost, and why
             self._event("stop_unsaved", attempt=a.number, lost_steps=r["lost_steps"], step=r.get("step"),

@@ -11,6 +11,7 @@ Test hooks (all optional):
   --signal-rank R       only rank R does that (default 0; -1 = every rank)
   --oom-at N            raise torch.OutOfMemoryError at the N-th micro-batch (how a CPU test
                         simulates CUDA running out of memory: the session reports kind "oom")
+  --crash-at N          raise RuntimeError at the N-th micro-batch of every attempt (a crash)
   --sleep-s S           sleep S seconds per micro-batch (gives external signals time to land)
   --load-oom NAME[:N]   accelerator.load_state of checkpoint NAME raises torch.OutOfMemoryError,
                         the first N times in this process (default: every time)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None, on_micro=None) -> int:
     p.add_argument("--grad-accum", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--save-every", default="0", type=lambda v: v if v == "auto" else int(v))
     p.add_argument("--eval-every", type=int, default=4)
     p.add_argument("--resume", default="auto")
     p.add_argument("--allow-change", action="append", default=[])
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None, on_micro=None) -> int:
     p.add_argument("--signal-at", default="")
     p.add_argument("--signal-rank", type=int, default=0)
     p.add_argument("--oom-at", type=int)
+    p.add_argument("--crash-at", type=int)
     p.add_argument("--sleep-s", type=float, default=0.0)
     p.add_argument("--load-oom", default="")
     p.add_argument("--save-sleep-s", type=float, default=0.0)
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None, on_micro=None) -> int:
             n_micro += 1
             if me and n_micro in signal_at:
                 os.kill(os.getpid(), signal.SIGUSR1)
+            if args.crash_at == n_micro:
+                raise RuntimeError(f"simulated crash at micro-batch {n_micro}")
             if args.oom_at == n_micro:
                 raise torch.OutOfMemoryError(f"simulated: tried to allocate at micro-batch {n_micro}")
             if args.sleep_s:

@@ -1,0 +1,74 @@
+"""RUN_DIR/failures.json: the run's unannounced failures and the time it was exposed to them,
+across attempts and supervisors, for the "auto" checkpoint interval (train_core/interval.py).
+
+  failures     attempts that ended without being asked to: a crash, an OOM, a hang, a kill
+               (a saved stop loses nothing and is not one)
+  uptime_s     seconds of attempts, from their start to their end
+  open_since   wall-clock start of the attempt under way; a supervisor that finds one at
+               start was itself killed mid-attempt (power loss, SIGKILL): a failure, whose
+               uptime ends at that attempt's last heartbeat
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from train_core.contract import ExitKind
+from train_core.runfiles import RunPaths, read_json, write_json_atomic
+
+UNANNOUNCED = (ExitKind.ERROR, ExitKind.OOM, ExitKind.HUNG, ExitKind.KILLED)
+
+
+@dataclass(frozen=True)
+class History:
+    failures: int = 0
+    uptime_s: float = 0.0
+    open_since: float | None = None
+
+
+def load(paths: RunPaths) -> History:
+    obj = read_json(paths.failures) or {}
+
+    def number(key: str, kind: type) -> Any:
+        v = obj.get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        return kind(v) if ok else None
+
+    return History(number("failures", int) or 0, number("uptime_s", float) or 0.0, number("open_since", float))
+
+
+def store(paths: RunPaths, h: History) -> None:
+    write_json_atomic(paths.failures, asdict(h))
+
+
+def recover(paths: RunPaths) -> History:
+    """At a supervisor's start: an attempt left open by a supervisor that died is counted."""
+    h = load(paths)
+    if h.open_since is None:
+        return h
+    beat = (read_json(paths.status) or {}).get("updated_at")
+    end = beat if isinstance(beat, (int, float)) and beat >= h.open_since else h.open_since
+    h = History(h.failures + 1, h.uptime_s + (end - h.open_since), None)
+    store(paths, h)
+    return h
+
+
+def started(paths: RunPaths, h: History, wall_now: float) -> History:
+    h = replace(h, open_since=wall_now)
+    store(paths, h)
+    return h
+
+
+def ended(paths: RunPaths, h: History, duration_s: float, kind: ExitKind, asked_to_stop: bool) -> History:
+    failed = kind in UNANNOUNCED and not asked_to_stop
+    h = History(h.failures + int(failed), h.uptime_s + max(0.0, duration_s), None)
+    store(paths, h)
+    return h
+
+
+def for_ranks(h: History) -> str:
+    """What the ranks get ($TRAINSUP_FAILURES): "failures,uptime_s"."""
+    return f"{h.failures},{h.uptime_s:.1f}"
+

@@ -1,0 +1,95 @@
+"""interval_steps = "auto": the checkpoint interval from the save cost and the failure history.
+
+The formula (train_core/interval.py) on its own; the ranks' choice in-process with a failure
+history given as the supervisor gives it; and, marked slow, the supervisor keeping the history
+across attempts and reporting every choice as an event while crashes pull the interval down.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from supervisor_helpers import events, finish, start_supervisor, write_job
+from toy_inprocess import TOY, isolated, run, steps  # noqa: F401 - isolated: a fixture
+from train_core import costs as costing
+from train_core import interval
+
+
+@pytest.fixture(autouse=True)
+def _isolated(isolated):
+    yield
+
+
+def test_daly_is_young_for_a_cheap_save_and_the_mtbf_for_an_expensive_one():
+    c, m = 0.5, 3600.0
+    young = math.sqrt(2 * c * m)
+    assert young * 0.99 < interval.optimal_interval_s(c, m) < young * 1.01
+    assert interval.optimal_interval_s(10.0, 4.0) == 4.0  # C >= 2M: save every M
+    assert interval.optimal_interval_s(1.0, 0.0) == 0.0
+
+
+def test_the_prior_is_one_pseudo_failure_and_failures_pull_m_down():
+    assert interval.mtbf_s(3600, 0, 0) == 3600
+    assert interval.mtbf_s(3600, 1800, 0) == 5400  # surviving makes the prior count less
+    assert interval.mtbf_s(3600, 1800, 2) == 1800
+
+
+def test_choice_in_steps_keeps_floor_and_ceiling():
+    kw = dict(c_s=0.5, prior_s=3600, uptime_s=0, failures=0)
+    assert interval.choose(**kw, step_s=0.1, min_steps=1, max_s=1800).steps == 597  # Daly: 59.7 s (Young: 60)
+    assert interval.choose(**kw, step_s=0.1, min_steps=1, max_s=30).steps == 300  # ceiling: 30 s of work
+    assert interval.choose(**kw, step_s=100, min_steps=2, max_s=1800).steps == 2  # floor
+    assert not interval.worth_changing(100, 105) and interval.worth_changing(100, 120)
+
+
+def _auto(monkeypatch, failures: int, mtbf: float = 60.0) -> None:
+    monkeypatch.setenv("TRAINSUP_CHECKPOINT_INTERVAL_STEPS", "auto")
+    monkeypatch.setenv("TRAINSUP_AUTO_INTERVAL", json.dumps(
+        {"expected_mtbf_s": mtbf, "min_steps": 1, "max_s": 1800, "failures": failures, "uptime_s": 60.0}))
+    monkeypatch.setenv("TRAINSUP_BACKGROUND_SAVES", "0")
+
+
+def test_ranks_choose_from_the_measured_cost_and_save_first_to_measure_it(tmp_path, monkeypatch):
+    # each save takes 0.05 s; a step ~0.03 s: T = sqrt(2 * 0.05 * M)
+    args = ("--steps", "100", "--eval-every", "0", "--sleep-s", "0.01", "--save-sleep-s", "0.05")
+    _auto(monkeypatch, failures=0)
+    assert run(tmp_path / "calm", *args)[0] == 0
+    calm = costing.load(tmp_path / "calm" / "costs.json")
+    assert steps(tmp_path / "calm")[0] == 1  # the first save comes at once: it measures C
+    assert calm.cost_s >= 0.05 and calm.mtbf_s > 120  # (60 + 60 + this attempt) / 1
+    t = interval.optimal_interval_s(calm.cost_s, calm.mtbf_s)
+    assert calm.optimum_s == pytest.approx(t, rel=0.1) and calm.interval_steps == pytest.approx(t / calm.step_s, rel=0.2)
+    _auto(monkeypatch, failures=20)
+    assert run(tmp_path / "failing", *args)[0] == 0
+    failing = costing.load(tmp_path / "failing" / "costs.json")
+    assert failing.mtbf_s < calm.mtbf_s / 10 and failing.interval_steps < calm.interval_steps / 2
+    # saves follow the chosen interval: more of them when failures are frequent
+    assert len(steps(tmp_path / "failing")) > len(steps(tmp_path / "calm"))
+
+
+@pytest.mark.slow
+def test_supervisor_keeps_the_failure_history_and_each_choice_is_an_event(tmp_path, cleanup):
+    dirs, procs = cleanup
+    run_dir = tmp_path / "run"
+    dirs.append(run_dir)
+    # every attempt crashes at its 90th micro-batch (30 steps in); saves take 0.2 s
+    job = write_job(tmp_path, ["--steps", "150", "--eval-every", "0", "--sleep-s", "0.01", "--save-sleep-s", "0.2",
+                               "--crash-at", "90"], script=TOY, run_dir=run_dir,
+                    checkpoint={"interval_steps": "auto", "expected_mtbf_s": 30.0, "background": False},
+                    restart={"max_restarts": 3, "no_progress_limit": 10})
+    sup = start_supervisor(job)
+    procs.append(sup)
+    finish(sup, timeout=240)
+    history = json.loads((run_dir / "failures.json").read_text())
+    crashes = [e for e in events(run_dir, "attempt_exit") if e["kind"] == "error"]
+    assert history["failures"] == len(crashes) >= 3 and history["open_since"] is None
+    chosen = events(run_dir, "checkpoint_interval")
+    assert chosen[0]["interval_steps"] == 1 and chosen[0].get("cost_s") is None  # before C is measured
+    measured = [e for e in chosen if e.get("mtbf_s") is not None]
+    assert all(e["cost_s"] >= 0.2 and e["step_s"] > 0 for e in measured)
+    # M falls as the crashes come, and the interval with it
+    assert measured[-1]["mtbf_s"] < measured[0]["mtbf_s"] / 2
+    assert measured[-1]["interval_steps"] < measured[0]["interval_steps"]
