@@ -64,7 +64,7 @@ def stall(saves: int, root: Path) -> dict[str, float]:
     dl = session.dataloader(torch.utils.data.TensorDataset(data), shuffle=True)
     model, opt, dl = session.prepare(model, opt, dl)
     ema = session.register("ema", EMA(acc.unwrap_model(model)))
-    sync_s, stall_s, writer_s = [], [], []
+    sync_s, stall_s, writer_s, copy_s = [], [], [], []
     with session:
         it = iter(session.batches(dl))
         for _ in range(3):  # warm up; AdamW's state exists
@@ -89,6 +89,7 @@ def stall(saves: int, root: Path) -> dict[str, float]:
             stall_s.append(time.perf_counter() - t0)
             job = session._saver.in_flight
             staged = job.staged_bytes
+            copy_s.append(job.stage_s)
             job.done.wait()
             writer_s.append(time.perf_counter() - t0)
             session._wait_for_save()
@@ -96,7 +97,7 @@ def stall(saves: int, root: Path) -> dict[str, float]:
         session.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"sync_s": statistics.median(sync_s), "stall_s": statistics.median(stall_s),
-            "writer_s": statistics.median(writer_s), "staged_mb": staged / 2**20,
+            "writer_s": statistics.median(writer_s), "copy_s": statistics.median(copy_s), "staged_mb": staged / 2**20,
             "rss_before_mb": rss_before / 2**20, "rss_peak_mb": peak / 2**20}
 
 
@@ -122,31 +123,43 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="wall runs of each kind")
     p.add_argument("--saves", type=int, default=7, help="saves of each kind in the stall part")
     p.add_argument("--dir", help="where to write (default: a temp dir; put it on the disk you train on)")
+    p.add_argument("--only", choices=("stall", "wall"), help="run one part")
     args = p.parse_args()
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     root = Path(tempfile.mkdtemp(prefix="bench-background-", dir=args.dir))
     try:
-        s = stall(args.saves, root)
-        print(f"stall per periodic save (median of {args.saves}): synchronous {s['sync_s'] * 1e3:.1f} ms, "
-              f"background {s['stall_s'] * 1e3:.1f} ms = {s['stall_s'] / s['sync_s']:.3f} x synchronous "
-              f"(the writer then takes {s['writer_s'] * 1e3:.0f} ms); one staged copy {s['staged_mb']:.1f} MiB, "
-              f"RSS {s['rss_before_mb']:.0f} MiB before, peak {s['rss_peak_mb']:.0f} MiB", flush=True)
-        demo(2, 0, True, root)  # the data cache, bytecode: outside the timed runs
-        walls: dict[str, list[float]] = {"none": [], "sync": [], "background": []}
-        for _ in range(args.repeats):
-            for kind, every in (("none", 0), ("sync", 1), ("background", 1)):
-                wall, saved = demo(args.steps, every, kind == "background", root)
-                expected = args.steps if every else 1  # the final save is always there
-                if saved != expected:
-                    raise SystemExit(f"{kind}: {saved} checkpoints on disk, expected {expected}")
-                walls[kind].append(wall)
-                print(f"  {kind:>10}: {wall:.1f} s, {saved} checkpoints", flush=True)
-        none = statistics.median(walls["none"])
-        print(f"demo, {args.steps} steps, a checkpoint after every step (median of {args.repeats}): "
-              + ", ".join(f"{k} {statistics.median(v):.1f} s ({statistics.median(v) / none:.3f} x none)"
-                          for k, v in walls.items()), flush=True)
+        if args.only != "wall":
+            report_stall(args.saves, root)
+        if args.only != "stall":
+            report_wall(args.steps, args.repeats, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def report_stall(saves: int, root: Path) -> None:
+    s = stall(saves, root)
+    print(f"stall per periodic save (median of {saves}): synchronous {s['sync_s'] * 1e3:.1f} ms, "
+          f"background {s['stall_s'] * 1e3:.1f} ms (the copy {s['copy_s'] * 1e3:.1f} ms) = "
+          f"{s['stall_s'] / s['sync_s']:.3f} x synchronous "
+          f"(the writer then takes {s['writer_s'] * 1e3:.0f} ms); one staged copy {s['staged_mb']:.1f} MiB, "
+          f"RSS {s['rss_before_mb']:.0f} MiB before, peak {s['rss_peak_mb']:.0f} MiB", flush=True)
+
+
+def report_wall(steps: int, repeats: int, root: Path) -> None:
+    demo(2, 0, True, root)  # the data cache, bytecode: outside the timed runs
+    walls: dict[str, list[float]] = {"none": [], "sync": [], "background": []}
+    for _ in range(repeats):
+        for kind, every in (("none", 0), ("sync", 1), ("background", 1)):
+            wall, saved = demo(steps, every, kind == "background", root)
+            expected = steps if every else 1  # the final save is always there
+            if saved != expected:
+                raise SystemExit(f"{kind}: {saved} checkpoints on disk, expected {expected}")
+            walls[kind].append(wall)
+            print(f"  {kind:>10}: {wall:.1f} s, {saved} checkpoints", flush=True)
+    none = statistics.median(walls["none"])
+    print(f"demo, {steps} steps, a checkpoint after every step (median of {repeats}): "
+          + ", ".join(f"{k} {statistics.median(v):.1f} s ({statistics.median(v) / none:.3f} x none)"
+                      for k, v in walls.items()), flush=True)
 
 
 if __name__ == "__main__":

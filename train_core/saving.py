@@ -91,8 +91,7 @@ class Saver:
         self.rank = rank
         self.world_size = world_size
         self.in_flight: InFlight | None = None
-        self._scratch: Any = None
-        self._pinned = staging.Pinned() if torch.cuda.is_available() else None
+        self._buffers = staging.Buffers()
 
     def save(self, position: Position, trainer_state: dict[str, Any], *, reasons: list[str],
              metrics: Mapping[str, float], ours: Iterable[Checkpoint | None],
@@ -129,10 +128,7 @@ class Saver:
             return existing, False
         t0 = time.monotonic()
         try:
-            if self._scratch is None:
-                self._scratch = staging.scratch_dir()
-            staged = staging.stage(self.accelerator, self.objects if self.is_main else [], Path(self._scratch.name),
-                                   self._pinned)
+            staged = staging.stage(self.accelerator, self.objects if self.is_main else [], self._buffers)
             error = ""
         except Exception as e:  # noqa: BLE001 - every rank must learn of it
             error = one_line(e)
@@ -171,9 +167,6 @@ class Saver:
         staged state is worth keeping: a crash in the next step does not lose it), then abandon
         it. Rank 0: the checkpoint it committed, if it did. Not collective (other ranks may be gone)."""
         job, self.in_flight = self.in_flight, None
-        if self._scratch is not None:
-            self._scratch.cleanup()
-            self._scratch = None
         if job is None:
             return None
         if not job.done.wait(timeout_s):

@@ -78,6 +78,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PAUSE_POLL_S = 0.2
+COSTS_WRITE_S = 5.0  # costs.json is rewritten at most this often (a new interval or a synchronous save: at once)
 WRITER_EXIT_WAIT_S = 30.0  # a process ending on an error still commits the save it staged, given this long
 
 
@@ -189,6 +190,7 @@ class TrainSession:
         self._drag_s = 0.0  # steps' extra time while the save in flight was being written (part of its cost)
         self._last_save_step = 0  # the step of the newest save started (an "auto" interval counts from it)
         self._started_at = time.monotonic()
+        self._costs_written_at = -COSTS_WRITE_S
 
     def _start_watching(self) -> None:
         """The stop signals, ranks/rank-R.json and alive.lock, the heartbeat/control thread."""
@@ -487,13 +489,18 @@ class TrainSession:
         log.info("checkpoint interval: %d step(s)%s", steps, f" (C {choice.c_s:.3f} s, M {choice.m_s:.0f} s)"
                  if choice else " until the save cost is measured")
         if choice is not None:
-            self._measured(replace(self.costs, interval_steps=steps, mtbf_s=choice.m_s, optimum_s=choice.t_s))
+            self._measured(replace(self.costs, interval_steps=steps, mtbf_s=choice.m_s, optimum_s=choice.t_s),
+                           force=True)
         elif self.is_main:
-            self._measured(replace(self.costs, interval_steps=steps))
+            self._measured(replace(self.costs, interval_steps=steps), force=True)
 
-    def _measured(self, costs: costing.Costs) -> None:
+    def _measured(self, costs: costing.Costs, *, force: bool = False) -> None:
+        """New costs; rank 0 writes them to costs.json when forced (a new interval, a synchronous
+        save) or COSTS_WRITE_S after the last write (saves after every step must not each pay it)."""
         self.costs = costs
-        if self.is_main:
+        now = time.monotonic()
+        if self.is_main and (force or now - self._costs_written_at >= COSTS_WRITE_S):
+            self._costs_written_at = now
             try:
                 self.costs = costing.store(self.paths.costs, self.costs)
             except OSError as e:
@@ -583,7 +590,8 @@ class TrainSession:
         flight (a stop's save comes after it: both are kept)."""
         reasons = list(dict.fromkeys(reasons))
         previous_state, self._state = self._state, "saving"
-        self.watcher.write_status()
+        if not background:  # a background save holds the loop a few ms: no heartbeat says "saving"
+            self.watcher.write_status()
         t_wait = time.monotonic()
         self._wait_for_save()
         t0 = time.monotonic()
@@ -609,7 +617,7 @@ class TrainSession:
             ckpt, new = result
             if new:
                 self._measured(replace(self.costs.saved(now - t0, background=False).stalled(now - t_wait),
-                                       cost_s=now - t_wait))
+                                       cost_s=now - t_wait), force=True)
                 self._rechoose_interval()
                 if prune:
                     self._prune()
@@ -617,7 +625,8 @@ class TrainSession:
         self._pending.clear()
         self._stalled_s += now - t_wait
         self._state = previous_state
-        self.watcher.write_status()
+        if not background:
+            self.watcher.write_status()
         return self.last_checkpoint if result is not None else None
 
     def _prune(self, _committed: Checkpoint | None = None) -> None:

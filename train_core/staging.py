@@ -1,6 +1,6 @@
 """Staging a checkpoint: the state of one step boundary copied to CPU memory, written later.
 
-    staged = stage(accelerator, objects, scratch)     # at the step boundary (the only stall)
+    staged = stage(accelerator, objects, buffers)     # at the step boundary (the only stall)
     ...training goes on...
     write(staged, tmp_dir, is_main=...)               # any thread: the files save_state writes
 
@@ -10,10 +10,11 @@ trainsup's registered objects (custom_checkpoint_<i>.pkl): the on-disk format do
 and accelerate's `load_state` reads it.
 
 What is copied: every tensor of the model, optimizer, scheduler, grad scaler and registered
-objects' state dicts (to CPU; from a GPU into pinned buffers kept from save to save), the
+objects' state dicts (to CPU; from a GPU into pinned buffers), the
 sampler of an iterable dataset's shard, and the random number generators' states, which
-accelerate reads from the global generators when it writes: they are captured here, through
-accelerate's own code, into a scratch file whose bytes go into the checkpoint.
+accelerate reads from the global generators when it writes: they are read here (rng_states). The copies go
+into buffers reused from save to save: one copy of the state stays allocated (the peak RSS of
+a run with background saves is one copy more).
 
 Not every setup can be staged; `unsupported(accelerator)` says why not, and those save
 synchronously with `save_state` as before: FSDP, DeepSpeed, Megatron-LM and XLA (their save
@@ -23,23 +24,25 @@ is collective or sharded), a model-state pre-hook (it may edit files), a statefu
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.checkpointing import save_accelerator_state
 from accelerate.data_loader import IterableDatasetShard
-from accelerate.utils import DistributedType, RNG_STATE_NAME
+from accelerate.utils import RNG_STATE_NAME, DistributedType, get_torch_accelerator_backend, is_torch_xla_available
 
 STAGEABLE = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 def unsupported(accelerator: Any) -> str:
     """"" when `stage` can copy this accelerator's state, else why it cannot (saves stay synchronous)."""
+    if is_torch_xla_available():
+        return "XLA's generator state is read through torch_xla"
     if accelerator.distributed_type not in STAGEABLE:
         return f"{accelerator.distributed_type} saves its state collectively"
     if getattr(accelerator, "_save_model_state_pre_hook", None):
@@ -49,44 +52,72 @@ def unsupported(accelerator: Any) -> str:
     return ""
 
 
-class Pinned:
-    """CPU copies of GPU tensors in page-locked buffers, reused from save to save (one save is
-    staged at a time: the next stage() starts after the last write() ended)."""
+class Buffers:
+    """Where the copies go: buffers kept from save to save (the next stage() starts after the
+    last write() ended), so a save costs one copy, not an allocation and its page faults too.
+    Copies of GPU tensors go into page-locked (pinned) buffers. One staged copy of the state
+    stays allocated for the life of the session."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self.nbytes = 0
 
-    def copy(self, key: tuple, t: torch.Tensor) -> torch.Tensor:
+    def get(self, key: tuple, t: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self._buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        buf.copy_(t, non_blocking=True)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.stride() != t.stride():
+            pin = t.device.type != "cpu" and torch.cuda.is_available()
+            buf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=pin)
+            old = self._buffers.get(key)
+            self.nbytes += _nbytes(buf) - (_nbytes(old) if old is not None else 0)
+            self._buffers[key] = buf
         return buf
 
 
-def snapshot(obj: Any, pinned: Pinned | None = None, key: tuple = (), memo: dict | None = None) -> Any:
-    """A copy of `obj` sharing nothing with it: tensors copied to CPU, containers rebuilt, any
-    other value deep-copied. Tensors that are views of the same memory (tied weights) stay one
-    tensor in the copy, as safetensors expects. Call torch.cuda.synchronize() before reading
-    GPU copies."""
-    memo = {} if memo is None else memo
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        same = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
-        if same not in memo:
-            if t.device.type == "cpu":
-                memo[same] = t.clone()
-            else:
-                memo[same] = pinned.copy(key, t) if pinned is not None else t.to("cpu", copy=True)
-        return memo[same]
-    if isinstance(obj, dict):
-        out = type(obj)() if type(obj) is not dict else {}
-        for k, v in obj.items():
-            out[k] = snapshot(v, pinned, (*key, k), memo)
-        return out
-    if type(obj) in (list, tuple):
-        return type(obj)(snapshot(v, pinned, (*key, i), memo) for i, v in enumerate(obj))
-    return copy.deepcopy(obj)
+_ATOMS = (int, float, bool, str, bytes, type(None))  # immutable: shared, not copied
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def snapshot(obj: Any, buffers: Buffers | None = None, key: tuple = ()) -> Any:
+    """A copy of `obj` sharing nothing with it: tensors copied to CPU (into `buffers` when
+    given), containers rebuilt, any other value deep-copied. Tensors that are views of the same
+    memory (tied weights) stay one tensor in the copy, as safetensors expects."""
+    buffers = buffers or Buffers()
+    memo: dict[tuple, torch.Tensor] = {}
+    sources: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+
+    def walk(o: Any, k: tuple) -> Any:
+        if isinstance(o, torch.Tensor):
+            same = (o.data_ptr(), o.shape, o.stride(), o.dtype, o.device) if o.numel() else id(o)
+            buf = memo.get(same)
+            if buf is None:
+                buf = memo[same] = buffers.get(k, o)
+                sources.append(o)
+                targets.append(buf)
+            return buf
+        if isinstance(o, dict):
+            out = type(o)() if type(o) is not dict else {}
+            for name, v in o.items():
+                out[name] = walk(v, (*k, name))
+            return out
+        if type(o) in (list, tuple):
+            if all(type(v) in _ATOMS for v in o):  # e.g. an optimizer's param indices
+                return type(o)(o)
+            return type(o)(walk(v, (*k, i)) for i, v in enumerate(o))
+        return o if type(o) in _ATOMS else copy.deepcopy(o)
+
+    copied = walk(obj, key)
+    with torch.no_grad():
+        on_cpu = [i for i, t in enumerate(sources) if t.device.type == "cpu"]
+        if on_cpu:  # one call for all of them: per-tensor overhead matters for many small tensors
+            torch._foreach_copy_([targets[i] for i in on_cpu], [sources[i] for i in on_cpu])
+        for t, buf in zip(sources, targets):
+            if t.device.type != "cpu":
+                buf.copy_(t, non_blocking=True)  # synchronized once, at the end of stage()
+    return copied
 
 
 class _Frozen:
@@ -110,54 +141,54 @@ class Staged:
     schedulers: list[_Frozen]
     dataloaders: list[SimpleNamespace]
     scaler: _Frozen | None
-    rng: bytes  # random_states_<rank>.pkl, as accelerate wrote it at stage time
+    rng: dict[str, Any]  # random_states_<rank>.pkl's content at stage time (rng_states)
     custom: list[Any] = field(default_factory=list)  # registered objects' state dicts (rank 0 writes them)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of tensor data held (what one staged copy adds to the process's memory)."""
-        seen: set[int] = set()
-
-        def walk(obj: Any) -> int:
-            if isinstance(obj, torch.Tensor):
-                if id(obj) in seen:
-                    return 0
-                seen.add(id(obj))
-                return obj.numel() * obj.element_size()
-            if isinstance(obj, dict):
-                return sum(walk(v) for v in obj.values())
-            if isinstance(obj, (list, tuple)):
-                return sum(walk(v) for v in obj)
-            return 0
-
-        return walk([self.weights, [o._state for o in self.optimizers], [s._state for s in self.schedulers],
-                     self.scaler._state if self.scaler else None, self.custom])
+    nbytes: int = 0  # tensor bytes of the staging buffers (one copy of the state, kept allocated)
 
 
-def stage(accelerator: Any, objects: list[Any], scratch: Path, pinned: Pinned | None = None) -> Staged:
-    """Copy everything save_state would write, and the registered `objects`' state dicts.
-    `scratch`: a private directory for the random-state file (a few KiB)."""
-    weights = [snapshot(accelerator.get_state_dict(m, unwrap=False), pinned, ("model", i))
+def stage(accelerator: Any, objects: list[Any], buffers: Buffers) -> Staged:
+    """Copy everything save_state would write, and the registered `objects`' state dicts, into
+    `buffers`."""
+    weights = [snapshot(accelerator.get_state_dict(m, unwrap=False), buffers, ("model", i))
                for i, m in enumerate(accelerator._models)]
-    optimizers = [_Frozen(snapshot(o.state_dict(), pinned, ("opt", i))) for i, o in enumerate(accelerator._optimizers)]
-    schedulers = [_Frozen(snapshot(s.state_dict())) for s in accelerator._schedulers]
+    optimizers = [_Frozen(snapshot(o.state_dict(), buffers, ("opt", i)))
+                  for i, o in enumerate(accelerator._optimizers)]
+    schedulers = [_Frozen(snapshot(s.state_dict(), buffers, ("sched", i)))
+                  for i, s in enumerate(accelerator._schedulers)]
     dataloaders = [SimpleNamespace(
         dataset=dl.dataset,
         use_stateful_dataloader=False,
         get_sampler=(lambda s=copy.deepcopy(dl.get_sampler()) if isinstance(dl.dataset, IterableDatasetShard)
                      else None: s),
     ) for dl in accelerator._dataloaders]
-    scaler = _Frozen(snapshot(accelerator.scaler.state_dict())) if accelerator.scaler is not None else None
-    custom = [snapshot(obj.state_dict(), pinned, ("custom", i)) for i, obj in enumerate(objects)]
-    # accelerate reads the generators when it writes: let it write them now, with nothing else
-    save_accelerator_state(str(scratch), [], [], [], [], accelerator.process_index, accelerator.step, None)
-    rng_file = scratch / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
-    rng = rng_file.read_bytes()
-    rng_file.unlink()
-    if pinned is not None and torch.cuda.is_available():
-        torch.cuda.synchronize()  # the pinned copies were queued without waiting
+    scaler = (_Frozen(snapshot(accelerator.scaler.state_dict(), buffers, ("scaler",)))
+              if accelerator.scaler is not None else None)
+    custom = [snapshot(obj.state_dict(), buffers, ("custom", i)) for i, obj in enumerate(objects)]
+    rng = rng_states(accelerator)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the copies from a GPU were queued without waiting
     return Staged(accelerator.process_index, accelerator.step, weights, optimizers, schedulers, dataloaders,
-                  scaler, rng, custom)
+                  scaler, rng, custom, buffers.nbytes)
+
+
+def rng_states(accelerator: Any) -> dict[str, Any]:
+    """What accelerate's save_accelerator_state puts into random_states_<rank>.pkl, read now (it
+    reads the generators when it writes, and the writer writes later). The same keys as
+    accelerate 1.x; a test compares this file with accelerate's own, byte for byte in content."""
+    states: dict[str, Any] = {"step": accelerator.step, "random_state": random.getstate(),
+                              "numpy_random_seed": np.random.get_state(), "torch_manual_seed": torch.get_rng_state()}
+    device_type, device_module = get_torch_accelerator_backend()
+    if device_type is not None:
+        key = f"torch_{device_type}_manual_seed"
+        if device_module is getattr(torch, "accelerator", None):
+            states[key] = (torch.accelerator.random.get_rng_state() if hasattr(torch.accelerator, "random")
+                           else torch.get_device_module(device_type).get_rng_state())
+        elif device_type == "mps":
+            states[key] = device_module.get_rng_state()
+        else:
+            states[key] = device_module.get_rng_state_all()
+    return states
 
 
 def write(staged: Staged, tmp: Path, *, is_main: bool, custom_name: Any) -> None:
@@ -166,14 +197,7 @@ def write(staged: Staged, tmp: Path, *, is_main: bool, custom_name: Any) -> None
     save_accelerator_state(str(tmp), staged.weights, staged.optimizers, staged.schedulers, staged.dataloaders,
                            staged.process_index, staged.step, staged.scaler)
     # save_accelerator_state just wrote the generators' states of now; the staged ones replace them
-    (tmp / f"{RNG_STATE_NAME}_{staged.process_index}.pkl").write_bytes(staged.rng)
+    torch.save(staged.rng, tmp / f"{RNG_STATE_NAME}_{staged.process_index}.pkl")
     if is_main:
         for i, state in enumerate(staged.custom):
             torch.save(state, tmp / custom_name(i))
-
-
-def scratch_dir() -> tempfile.TemporaryDirectory:
-    """A private scratch directory for stage(): in memory (/dev/shm) where there is one."""
-    shm = "/dev/shm"
-    base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-    return tempfile.TemporaryDirectory(prefix="trainsup-stage-", dir=base)

@@ -306,11 +306,13 @@ class EMA:
             self._backup = None
 
     def state_dict(self) -> dict:
+        """References to the averages, as nn.Module.state_dict gives (a save copies what it keeps:
+        a clone here would be a second copy of the weights at every checkpoint)."""
         return {
             "decay": self.decay,
             "warmup": self.warmup,
             "num_updates": self.num_updates,
-            "shadow": {name: t.clone() for name, t in self.shadow.items()},
+            "shadow": dict(self.shadow),
         }
 
     def load_state_dict(self, state: dict) -> None:
