@@ -107,7 +107,7 @@ def prepare() -> None:
                     ("supervisor", "train_core", "examples", "bench"))], check=True, stdout=subprocess.DEVNULL)
 
 
-def command(system: str, out: Path, steps: int, save_every: int) -> list[str]:
+def command(system: str, out: Path, steps: int, save_every: int, job_extra: str = "") -> list[str]:
     args = ["--steps", str(steps), "--save-every", str(save_every)]
     if system == "stock":
         return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
@@ -120,7 +120,7 @@ def command(system: str, out: Path, steps: int, save_every: int) -> list[str]:
         f'run_dir = "{run_dir}"\n[train]\nscript = "{HERE / "goodput_trainsup.py"}"\n'
         f'args = {json.dumps(["--out", str(run_dir), *args])}\n'
         '[launch]\nlauncher = "accelerate"\nnum_processes = 1\ncpu = true\nmixed_precision = "no"\n'
-        '[retention]\nkeep_last = 3\nkeep_best = 0\n'
+        '[retention]\nkeep_last = 3\nkeep_best = 0\n' + job_extra
     )
     return [sys.executable, "-m", "supervisor", "run", str(job)]
 
@@ -165,13 +165,14 @@ def newest_step_dir(system: str, out: Path) -> Path | None:
 
 
 def run_one(system: str, scenario: str, steps: int, times: list[tuple[float, str]], work: Path,
-            save_every: int) -> Result:
+            save_every: int, job_extra: str = "") -> Result:
+    """`job_extra`: TOML appended to trainsup's job file (bench/bench_interval.py: its [checkpoint])."""
     out = work / f"{scenario}-{system}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     log_path = out / "goodput.jsonl"
     env = dict(child_env(), GOODPUT_LOG=str(log_path))
-    argv = command(system, out, steps, save_every)
+    argv = command(system, out, steps, save_every, job_extra)
     res = Result(system, scenario, steps, 0.0, 0)
     pending = list(times)
     windows: list[tuple[float, float]] = []  # each launch: (start, exit)

@@ -1,0 +1,90 @@
+"""The "auto" checkpoint interval against fixed ones under random SIGKILLs, side by side in one run.
+
+    python bench/bench_interval.py                        # 3 schedules x (auto, 1, 10, 100), ~80 min
+    python bench/bench_interval.py --seeds 0 --steps 600  # one short schedule
+
+Every run is the goodput bench's training (bench/goodput_trainsup.py, fp32, 1 rank) under
+`trainsup run` with [checkpoint] interval_steps = "auto" (the default prior, expected_mtbf_s
+= 3600 s: a user who does not know the failure rate) or a fixed 1, 10 or 100 steps; the whole
+process tree is SIGKILLed at times drawn from a seeded exponential schedule (mean --mean-s, no
+warning: a crash, a power loss), the same schedule for every interval, and relaunched until the
+training is done (bench/goodput.py's driver, which also checks the final weights bit for bit
+against the uninterrupted run). goodput = the uninterrupted run's wall / this wall; "lost a
+kill": the wall beyond the uninterrupted run's, per kill. The supervisor counts each kill as a
+failure (failures.json, found open at the next start), so "auto" sees M fall as kills come;
+its choices (checkpoint_interval events) are listed per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import goodput  # noqa: E402
+
+INTERVALS = ("auto", 1, 10, 100)
+
+
+def choices(work: Path, scenario: str) -> list[int]:
+    events = work / f"{scenario}-trainsup" / "run" / "events.jsonl"
+    out = []
+    for line in events.read_text().splitlines() if events.exists() else []:
+        e = json.loads(line)
+        if e["event"] == "checkpoint_interval":
+            out.append(e["interval_steps"])
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=1200, help="steps per run (1,200: ~6 kills at a 60 s mean)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one SIGKILL schedule each")
+    p.add_argument("--mean-s", type=float, default=60.0, help="mean time between kills")
+    p.add_argument("--work", default=None, help="where the runs go (default: a temporary dir)")
+    args = p.parse_args()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="interval-"))
+    goodput.prepare()
+
+    def run(name: str, interval: int | str, times: list) -> goodput.Result:
+        extra = f'[checkpoint]\ninterval_steps = {json.dumps(interval)}\n'
+        r = goodput.run_one("trainsup", name, args.steps, times, work, 0, job_extra=extra)
+        if not r.finished:
+            raise SystemExit(f"{name} did not finish")
+        return r
+
+    ideal = run("uninterrupted", 100, [])
+    print(f"uninterrupted: {ideal.wall_s:.1f} s, step {ideal.step_s * 1e3:.0f} ms", flush=True)
+    rows = ["| schedule | interval | kills | wall | goodput | lost a kill | recomputed a kill | bitwise | auto's choices |",
+            "|" + "---|" * 9]
+    summary: dict[str, list[float]] = {str(i): [] for i in INTERVALS}
+    for seed in args.seeds:
+        times = [(t * args.mean_s / 60.0, kind) for t, kind in goodput.schedule("sigkill", seed)]
+        for interval in INTERVALS:
+            name = f"sigkill{seed}-{interval}"
+            r = run(name, interval, times)
+            n = len(r.interruptions)
+            g = ideal.wall_s / r.wall_s
+            summary[str(interval)].append(g)
+            rec = goodput.mean(i.recomputed_steps for i in r.interruptions)
+            picked = choices(work, name) if interval == "auto" else []
+            rows.append(f"| {seed} | {interval} | {n} | {r.wall_s:.1f} s | {g:.3f} | "
+                        f"{(r.wall_s - ideal.wall_s) / max(n, 1):.1f} s | {rec:.1f} steps | "
+                        f"{'yes' if r.digest == ideal.digest else 'NO'} | "
+                        f"{' → '.join(map(str, picked)) if picked else '—'} |")
+            print(rows[-1], flush=True)
+    print("\n".join(rows))
+    print("\nmean goodput: " + ", ".join(f"{k} {statistics.mean(v):.3f}" for k, v in summary.items()))
+    for seed_i, seed in enumerate(args.seeds):
+        best = max(summary[str(i)][seed_i] for i in INTERVALS[1:])
+        print(f"schedule {seed}: auto {summary['auto'][seed_i]:.3f} vs the best fixed {best:.3f} "
+              f"(auto - best = {summary['auto'][seed_i] - best:+.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
