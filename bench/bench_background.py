@@ -13,7 +13,8 @@ wall   The demo itself (examples/gpt/train.py --mixed-precision no --eval-every 
        one after EVERY step written synchronously, and with one after every step written in
        the background; its own "trained steps" time (the end of the first step to the last,
        so start-up is left out); every checkpoint is counted on disk afterwards (none may be
-       coalesced away). Runs interleave (none, sync, background) --repeats times; medians.
+       coalesced away). Runs interleave, in a rotating order, --repeats times, each after an
+       os.sync() (no run pays for the previous one's writeback); medians.
 """
 
 from __future__ import annotations
@@ -148,8 +149,10 @@ def report_stall(saves: int, root: Path) -> None:
 def report_wall(steps: int, repeats: int, root: Path) -> None:
     demo(2, 0, True, root)  # the data cache, bytecode: outside the timed runs
     walls: dict[str, list[float]] = {"none": [], "sync": [], "background": []}
-    for _ in range(repeats):
-        for kind, every in (("none", 0), ("sync", 1), ("background", 1)):
+    kinds = [("none", 0), ("sync", 1), ("background", 1)]
+    for r in range(repeats):
+        for kind, every in kinds[r % 3:] + kinds[:r % 3]:
+            os.sync()
             wall, saved = demo(steps, every, kind == "background", root)
             expected = steps if every else 1  # the final save is always there
             if saved != expected:
