@@ -193,9 +193,10 @@ def test_writer_runs_at_low_priority_and_staging_copies_share_nothing(tmp_path, 
             live.extend(p.detach() for p in session.accelerator._models[0].parameters())
 
     monkeypatch.setattr(staging, "write", spy)
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert run(tmp_path, "--save-every", "4", "--eval-every", "0", "--steps", "5", on_micro=on_micro)[0] == 0
     assert nice == [19]
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0  # the training thread's is untouched
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the training thread's is untouched
 
 
 def test_tied_weights_stay_one_tensor_in_the_copy():

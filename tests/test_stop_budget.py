@@ -9,6 +9,7 @@ start and after a re-measurement, and naming the steps a stop without a save los
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def test_a_stop_whose_budget_cannot_hold_a_save_starts_none_and_names_the_steps_
     code, rep = run(tmp_path, "--save-every", "4", "--eval-every", "0", "--save-sleep-s", "1.5", "--signal-at", "15")
     assert code == 75 and rep["kind"] == "saved"
     assert rep["step"] == 5 and rep["lost_steps"] == 1 and rep["checkpoint"].endswith("step-00000004")
-    assert "not saved" in rep["detail"] and "a save takes about 1.5 s" in rep["detail"], rep["detail"]
+    assert re.search(r"not saved: .* a save takes about (1\.[5-9]|[2-9]\.\d) s", rep["detail"]), rep["detail"]
     assert steps(tmp_path) == [4]  # no save was started: no tmp dir either
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 

@@ -44,7 +44,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -53,7 +52,7 @@ from accelerate.data_loader import skip_first_batches
 from accelerate.utils import set_seed
 
 from train_core import costs as costing
-from train_core import interval, loaders, reporting, safeload, saving, settings, staging
+from train_core import loaders, reporting, safeload, saving, settings, staging
 from train_core import resume as resuming
 from train_core.collectives import Collectives
 from train_core.contract import EXIT_SAVED, EXIT_USAGE, ExitKind, write_exit_report
@@ -61,6 +60,7 @@ from train_core.errors import BadCheckpointChoice, CheckpointSaveFailed, ResumeF
 from train_core.faults import is_oom
 from train_core.fingerprint import ConfigMismatch, canonical_config, fingerprint
 from train_core.heartbeat import RankWatcher
+from train_core.pacing import Pacer
 from train_core.position import Position, samples_in_epoch
 from train_core.reporting import RateMeter, announce_rank, exit_report_for
 from train_core.retention import RetentionPolicy
@@ -78,7 +78,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PAUSE_POLL_S = 0.2
-COSTS_WRITE_S = 5.0  # costs.json is rewritten at most this often (a new interval or a synchronous save: at once)
 WRITER_EXIT_WAIT_S = 30.0  # a process ending on an error still commits the save it staged, given this long
 
 
@@ -116,8 +115,8 @@ class TrainSession:
         self.max_steps = max_steps
         self.max_epochs = max_epochs
         # the job file's [checkpoint] interval_steps, when the supervisor passes one, wins; "auto":
-        # chosen from the save cost and the failure history (_rechoose_interval, train_core/interval.py)
-        self.save_every_steps, self.auto_interval = settings.save_interval(save_every_steps)
+        # chosen from the save cost and the failure history (train_core/pacing.py, interval.py)
+        every, auto = settings.save_interval(save_every_steps)
         self.eval_every_steps = eval_every_steps
         self.best_metric = best_metric
         self.best_mode = best_mode
@@ -135,8 +134,9 @@ class TrainSession:
         # periodic saves ("interval", "best", "request") are written in the background unless the
         # job ([checkpoint] background), the script or the setup (staging.unsupported) says no
         self.background_saves = settings.env_bool(ENV_BACKGROUND_SAVES, background_saves)
-        self.stop_budget_s = settings.env_float(ENV_STOP_BUDGET_S)  # None: a stop always saves
-        self.costs = costing.load(self.paths.costs) if self.is_main else costing.Costs()
+        self.pacer = Pacer(self.paths, is_main=self.is_main, fixed_steps=every, auto=auto,
+                           budget_s=settings.env_float(ENV_STOP_BUDGET_S),
+                           agree=lambda v: self._collectives.all_max([v])[0])
         set_seed(self.seed)  # before the model is built: a fresh run is reproducible
         self._start_watching()
         # When this process exits, whenever and however: the interpreter's final garbage
@@ -185,12 +185,6 @@ class TrainSession:
         self._state = "starting"
         self._last_loss: Any = None
         self._rates = RateMeter(self.world_size)
-        self._last_boundary: float | None = None  # time.monotonic() of the last optimizer-step boundary
-        self._stalled_s = 0.0  # of the time since, spent saving
-        self._drag_s = 0.0  # steps' extra time while the save in flight was being written (part of its cost)
-        self._last_save_step = 0  # the step of the newest save started (an "auto" interval counts from it)
-        self._started_at = time.monotonic()
-        self._costs_written_at = -COSTS_WRITE_S
 
     def _start_watching(self) -> None:
         """The stop signals, ranks/rank-R.json and alive.lock, the heartbeat/control thread."""
@@ -253,8 +247,8 @@ class TrainSession:
         except BaseException as exc:
             self._exit_with(exc)
             raise
-        self._last_save_step = self.global_step
-        self._rechoose_interval()
+        self.pacer.last_save_step = self.global_step
+        self.pacer.choose()
         self._state = "training"
         self.watcher.write_status()
         return self
@@ -358,26 +352,13 @@ class TrainSession:
             self._at_boundary = False
             return  # mid gradient-accumulation: never save here
         self.global_step += 1
-        self._time_step()
+        self.pacer.stepped(writing=self._saver.in_flight is not None)
         self._at_boundary = True
         self._epoch_complete = bool(self.accelerator.gradient_state.end_of_dataloader)
         self._step_metrics = {}
         self._boundary()
-        if self.save_every_steps and (self.global_step - self._last_save_step >= self.save_every_steps
-                                      if self.auto_interval else self.global_step % self.save_every_steps == 0):
+        if self.pacer.due(self.global_step):
             self._pending.append("interval")
-
-    def _time_step(self) -> None:
-        """The step's time; a step taken while a background save was being written counts its
-        extra time towards that save's cost, not towards the step time."""
-        now = time.monotonic()
-        if self._last_boundary is not None:
-            took = max(0.0, now - self._last_boundary - self._stalled_s)
-            if self._saver.in_flight is not None and self.costs.step_s is not None:
-                self._drag_s += max(0.0, took - self.costs.step_s)
-            else:
-                self.costs = self.costs.stepped(took)
-        self._last_boundary, self._stalled_s = now, 0.0
 
     def should_evaluate(self) -> bool:
         due = bool(
@@ -459,52 +440,7 @@ class TrainSession:
         ckpt = self._saver.wait(safe=self.last_checkpoint or self.resumed_from)
         if ckpt is not None:
             self.last_checkpoint = ckpt
-            self._measured(replace(self.costs.saved(job.stage_s + job.written_s, background=True),
-                                   cost_s=(self.costs.stall_s or job.stage_s) + self._drag_s))
-            self._drag_s = 0.0
-            self._rechoose_interval()
-
-    def _rechoose_interval(self) -> None:
-        """Collective, "auto" only: rank 0 chooses the interval (Young/Daly, train_core/interval.py)
-        from C, the step time and M; every rank takes its choice. A change goes into costs.json,
-        which the supervisor turns into an event."""
-        auto = self.auto_interval
-        if auto is None:
-            return
-        mine, choice = 0, None
-        if self.is_main:
-            c = self.costs
-            if c.cost_s is None or c.step_s is None:  # not measured yet: save soon, which measures it
-                mine = auto.min_steps
-            else:
-                choice = interval.choose(c_s=c.cost_s, step_s=c.step_s, prior_s=auto.expected_mtbf_s,
-                                         uptime_s=auto.uptime_s + time.monotonic() - self._started_at,
-                                         failures=auto.failures, min_steps=auto.min_steps, max_s=auto.max_s)
-                current = self.save_every_steps or None
-                mine = choice.steps if interval.worth_changing(current, choice.steps) else current
-        steps = self._collectives.all_max([mine])[0]
-        if steps == self.save_every_steps:
-            return
-        self.save_every_steps = steps
-        log.info("checkpoint interval: %d step(s)%s", steps, f" (C {choice.c_s:.3f} s, M {choice.m_s:.0f} s)"
-                 if choice else " until the save cost is measured")
-        if choice is not None:
-            self._measured(replace(self.costs, interval_steps=steps, mtbf_s=choice.m_s, optimum_s=choice.t_s),
-                           force=True)
-        elif self.is_main:
-            self._measured(replace(self.costs, interval_steps=steps), force=True)
-
-    def _measured(self, costs: costing.Costs, *, force: bool = False) -> None:
-        """New costs; rank 0 writes them to costs.json when forced (a new interval, a synchronous
-        save) or COSTS_WRITE_S after the last write (saves after every step must not each pay it)."""
-        self.costs = costs
-        now = time.monotonic()
-        if self.is_main and (force or now - self._costs_written_at >= COSTS_WRITE_S):
-            self._costs_written_at = now
-            try:
-                self.costs = costing.store(self.paths.costs, self.costs)
-            except OSError as e:
-                log.warning("could not write %s: %s", self.paths.costs, e)
+            self.pacer.saved_background(job.stage_s, job.written_s)
 
     def _boundary(self) -> None:
         stop, pause, seq = self._agree()
@@ -530,6 +466,7 @@ class TrainSession:
         newest checkpoint are named as lost. A background save in flight is waited for while the
         budget lasts (its state is already in memory), then abandoned."""
         left = self._collectives.broadcast(self._stop_time_left() if self.is_main else None)
+        budget = self.pacer.budget(self.watcher.control.stop_budget_s)
         if left is not None and self._saver.in_flight is not None:
             if self._collectives.all_ok(self._saver.in_flight.done.wait(max(0.0, left))):
                 self._wait_for_save()
@@ -537,25 +474,16 @@ class TrainSession:
                 step = self._saver.in_flight.step
                 self._saver.close(0.0)
                 self._stop_unsaved(why, f"the background save of step {step} could not finish within the stop's "
-                                        f"{self._stop_budget():.1f} s")
+                                        f"{budget:.1f} s")
             left = self._collectives.broadcast(self._stop_time_left() if self.is_main else None)
-        if left is not None and not self._collectives.broadcast(
-                costing.save_fits(left, self.costs.save_s) if self.is_main else None):
-            self._stop_unsaved(why, f"{max(0.0, left):.1f} s of the stop's {self._stop_budget():.1f} s were left and a "
-                                    f"save takes about {self.costs.save_s:.1f} s")
+        save_s = self.pacer.costs.save_s
+        if left is not None and not self._collectives.broadcast(costing.save_fits(left, save_s) if self.is_main else None):
+            self._stop_unsaved(why, f"{max(0.0, left):.1f} s of the stop's {budget:.1f} s were left and a save takes "
+                                    f"about {save_s:.1f} s")
         raise StopTraining(self._save(["preempt", *self._pending]), why)
 
-    def _stop_budget(self) -> float | None:
-        """The current stop's budget in seconds: the job's, or control.json's when shorter; None: unbounded."""
-        budgets = [b for b in (self.stop_budget_s, self.watcher.control.stop_budget_s) if b and b > 0]
-        return min(budgets) if budgets else None
-
     def _stop_time_left(self) -> float | None:
-        budget = self._stop_budget()
-        if budget is None:
-            return None
-        since = self.flag.set_at if self.flag.set_at is not None else time.monotonic()
-        return budget - (time.monotonic() - since)
+        return self.pacer.time_left(self.watcher.control.stop_budget_s, self.flag.set_at)
 
     def _stop_unsaved(self, why: str, reason: str) -> None:
         last = self.last_checkpoint or self.resumed_from
@@ -610,20 +538,15 @@ class TrainSession:
             self.tokens_seen, self.samples_seen = position.tokens_seen, position.samples_seen
             self._local_tokens = self._local_samples = 0
         now = time.monotonic()
-        self._last_save_step = position.global_step
-        if result is None:
-            self.costs = self.costs.stalled(now - t_wait)
-        else:
+        self.pacer.started(position.global_step, now - t_wait)
+        if result is not None:
             ckpt, new = result
             if new:
-                self._measured(replace(self.costs.saved(now - t0, background=False).stalled(now - t_wait),
-                                       cost_s=now - t_wait), force=True)
-                self._rechoose_interval()
+                self.pacer.saved_sync(now - t0, now - t_wait)
                 if prune:
                     self._prune()
             self.last_checkpoint = ckpt
         self._pending.clear()
-        self._stalled_s += now - t_wait
         self._state = previous_state
         if not background:
             self.watcher.write_status()
