@@ -1,6 +1,6 @@
 """Background saves against synchronous ones, fp32 on this CPU, side by side in one run.
 
-    python bench/bench_background.py                          # ~10 min on 2 cores
+    python bench/bench_background.py                          # ~25 min on 2 cores
     python bench/bench_background.py --steps 100 --repeats 1  # quicker, noisier
 
 stall  In one process, the demo's model at its defaults (examples/gpt: ~1.3 M parameters,
@@ -8,6 +8,12 @@ stall  In one process, the demo's model at its defaults (examples/gpt: ~1.3 M pa
        synchronously (files, BLAKE3, fsync, commit) and in the background (the copy to memory;
        the writer is left to finish before the next one), medians of --saves. Also: the
        writer's own time, the bytes one staged copy holds, the RSS before and the peak.
+interleaved
+       The same model in one process, trained in blocks of --block steps (grad_accum 2, as the
+       demo) with no save, a background save after every step and a synchronous one after every
+       step, in a rotating order for --rounds rounds, each block after an os.sync(): this VM's
+       speed drifts 10-20 % from run to run, and blocks side by side cancel that out. Seconds
+       per step, medians; every checkpoint is counted (then deleted, outside the timed blocks).
 wall   The demo itself (examples/gpt/train.py --mixed-precision no --eval-every 0, run
        plainly, each run in a fresh run dir) trained --steps steps with no checkpoint, with
        one after EVERY step written synchronously, and with one after every step written in
@@ -44,9 +50,11 @@ DEMO = REPO / "examples" / "gpt" / "train.py"
 TRAINED = re.compile(r"trained steps \d+\.\.(\d+): [\d,]+ tokens in ([\d.]+) s")
 
 
-def stall(saves: int, root: Path) -> dict[str, float]:
+def setup(run_dir: Path, grad_accum: int):
+    """The demo's model at its defaults with AdamW and an EMA, in a TrainSession (random tokens)."""
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration
 
     from examples.gpt.model import EMA, GPT, GPTConfig
@@ -55,9 +63,11 @@ def stall(saves: int, root: Path) -> dict[str, float]:
 
     a = parse_args([])
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     acc = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    session = TrainSession(acc, config={"bench": 1}, micro_batch=a.micro_batch, grad_accum=1, max_steps=10**6,
-                           run_dir=root / "stall", resume=None)
+    session = TrainSession(acc, config={"bench": 1}, micro_batch=a.micro_batch, grad_accum=grad_accum,
+                           max_steps=10**6, run_dir=run_dir, resume=None)
     model = GPT(GPTConfig(vocab_size=a.vocab_size, block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
                           n_embd=a.n_embd, dropout=0.0))
     opt = model.configure_optimizer(weight_decay=0.1, lr=1e-3, betas=(0.9, 0.95))
@@ -65,16 +75,27 @@ def stall(saves: int, root: Path) -> dict[str, float]:
     dl = session.dataloader(torch.utils.data.TensorDataset(data), shuffle=True)
     model, opt, dl = session.prepare(model, opt, dl)
     ema = session.register("ema", EMA(acc.unwrap_model(model)))
+
+    def train(batch) -> None:
+        (xy,) = batch
+        with acc.accumulate(model):
+            _, loss = model(xy[:, :-1], xy[:, 1:])
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if acc.sync_gradients:
+            ema.update(acc.unwrap_model(model))
+
+    return session, train, dl
+
+
+def stall(saves: int, root: Path) -> dict[str, float]:
+    session, train, dl = setup(root / "stall", grad_accum=1)
     sync_s, stall_s, writer_s, copy_s = [], [], [], []
     with session:
         it = iter(session.batches(dl))
         for _ in range(3):  # warm up; AdamW's state exists
-            (xy,) = next(it)
-            _, loss = model(xy[:, :-1], xy[:, 1:])
-            acc.backward(loss)
-            opt.step()
-            opt.zero_grad()
-            ema.update(acc.unwrap_model(model))
+            train(next(it))
             session.step_done()
         rss_before = psutil.Process().memory_info().rss
         for i in range(saves):
@@ -102,6 +123,46 @@ def stall(saves: int, root: Path) -> dict[str, float]:
             "rss_before_mb": rss_before / 2**20, "rss_peak_mb": peak / 2**20}
 
 
+def interleaved(rounds: int, block: int, root: Path) -> dict[str, float]:
+    """The demo's training in one process, blocks of `block` steps with no save, a background
+    save after every step, a synchronous save after every step, in a rotating order: the
+    machine's drift (10-20 % from run to run here) cancels out. Medians of seconds per step; a
+    block's last background write is waited for inside the block."""
+    run_dir = root / "interleaved"
+    session, train, dl = setup(run_dir, grad_accum=2)  # the demo's accumulation
+    modes = ("none", "background", "sync")
+    per_step: dict[str, list[float]] = {m: [] for m in modes}
+    saved = 0
+    with session:
+        it = iter(session.batches(dl))
+        batch = next(it)
+        for _ in range(2 * 2):  # warm up
+            train(batch)
+            session.step_done()
+            batch = next(it)
+        for r in range(rounds):
+            for mode in modes[r % 3:] + modes[:r % 3]:
+                session.pacer.steps = 0 if mode == "none" else 1
+                session.background_saves = mode == "background"
+                os.sync()
+                t0 = time.perf_counter()
+                for _ in range(block * 2):
+                    train(batch)
+                    session.step_done()
+                    batch = next(it)  # ends the iteration: this step's save happens here
+                session._wait_for_save()
+                per_step[mode].append((time.perf_counter() - t0) / block)
+                ckpts = [c for c in CheckpointStore(run_dir / "checkpoints").scan() if c.valid]
+                saved += len(ckpts)
+                for c in ckpts:
+                    shutil.rmtree(c.path)
+        session.close()
+    expected = rounds * 2 * block
+    if saved != expected:
+        raise SystemExit(f"interleaved: {saved} checkpoints committed, expected {expected}")
+    return {m: statistics.median(v) for m, v in per_step.items()} | {"saved": saved}
+
+
 def demo(steps: int, save_every: int, background: bool, root: Path) -> tuple[float, int]:
     """The demo's trained-steps seconds, and the checkpoints it left on disk."""
     run_dir = Path(tempfile.mkdtemp(prefix="demo-", dir=root))
@@ -124,14 +185,22 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="wall runs of each kind")
     p.add_argument("--saves", type=int, default=7, help="saves of each kind in the stall part")
     p.add_argument("--dir", help="where to write (default: a temp dir; put it on the disk you train on)")
-    p.add_argument("--only", choices=("stall", "wall"), help="run one part")
+    p.add_argument("--only", choices=("stall", "interleaved", "wall"), help="run one part")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved: rounds of the three kinds of block")
+    p.add_argument("--block", type=int, default=10, help="interleaved: steps per block")
     args = p.parse_args()
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     root = Path(tempfile.mkdtemp(prefix="bench-background-", dir=args.dir))
     try:
-        if args.only != "wall":
+        if args.only in (None, "stall"):
             report_stall(args.saves, root)
-        if args.only != "stall":
+        if args.only in (None, "interleaved"):
+            i = interleaved(args.rounds, args.block, root)
+            print(f"interleaved in one process, {args.rounds} rounds of {args.block}-step blocks, medians of the "
+                  f"seconds per step: none {i['none']:.3f}, a background save after every step {i['background']:.3f} "
+                  f"({i['background'] / i['none']:.3f} x none), a synchronous one {i['sync']:.3f} "
+                  f"({i['sync'] / i['none']:.3f} x none); {i['saved']} checkpoints committed", flush=True)
+        if args.only in (None, "wall"):
             report_wall(args.steps, args.repeats, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)

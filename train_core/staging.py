@@ -10,11 +10,11 @@ trainsup's registered objects (custom_checkpoint_<i>.pkl): the on-disk format do
 and accelerate's `load_state` reads it.
 
 What is copied: every tensor of the model, optimizer, scheduler, grad scaler and registered
-objects' state dicts (to CPU; from a GPU into pinned buffers), the
-sampler of an iterable dataset's shard, and the random number generators' states, which
-accelerate reads from the global generators when it writes: they are read here (rng_states). The copies go
-into buffers reused from save to save: one copy of the state stays allocated (the peak RSS of
-a run with background saves is one copy more).
+objects' state dicts (to CPU; from a GPU into pinned buffers), the sampler of an iterable
+dataset's shard, and the random number generators' states, which accelerate reads from the
+global generators when it writes: they are read here (rng_states). The copies go into buffers
+reused from save to save: one copy of the state stays allocated (the peak RSS of a run with
+background saves is one copy more).
 
 Not every setup can be staged; `unsupported(accelerator)` says why not, and those save
 synchronously with `save_state` as before: FSDP, DeepSpeed, Megatron-LM and XLA (their save
