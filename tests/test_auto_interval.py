@@ -42,7 +42,7 @@ def test_choice_in_steps_keeps_floor_and_ceiling():
     assert interval.choose(**kw, step_s=0.1, min_steps=1, max_s=1800).steps == 597  # Daly: 59.7 s (Young: 60)
     assert interval.choose(**kw, step_s=0.1, min_steps=1, max_s=30).steps == 300  # ceiling: 30 s of work
     assert interval.choose(**kw, step_s=100, min_steps=2, max_s=1800).steps == 2  # floor
-    assert not interval.worth_changing(100, 105) and interval.worth_changing(100, 120)
+    assert not interval.worth_changing(100, 115) and interval.worth_changing(100, 125)
 
 
 def _auto(monkeypatch, failures: int, mtbf: float = 60.0) -> None:

@@ -7,7 +7,7 @@ across attempts (torch-free: the supervisor reads it to check a stop's budget).
            to memory; a synchronous one: all of it): the checkpoint cost C of the interval choice
   step_s   an optimizer step, saves left out (a running mean)
   cost_s   C, what one periodic save cost the training in all: its stall plus the time steps
-           lost while its background writer shared the machine
+           lost while its background writer shared the machine (a running mean over saves)
   interval_steps, mtbf_s, optimum_s   the "auto" interval's latest choice, from C and M
 
 A stop's budget (train_core.session, supervisor.runner.budget) must hold one step (the stop
@@ -25,6 +25,7 @@ from typing import Any
 from train_core.runfiles import read_json, write_json_atomic
 
 STEP_MEAN_WEIGHT = 0.1  # each new step's share of the running mean
+COST_MEAN_WEIGHT = 0.2  # each new save's share of C's running mean
 SAVE_MARGIN = 1.25  # a save is expected to fit when the time left is this much more than its cost...
 SAVE_SLACK_S = 0.25  # ...plus this
 
@@ -50,6 +51,12 @@ class Costs:
     def stalled(self, seconds: float) -> "Costs":
         """After a periodic save kept the loop waiting `seconds` (waiting for the one before included)."""
         return replace(self, stall_s=seconds)
+
+    def cost(self, seconds: float) -> "Costs":
+        """One more measurement of C: a running mean (one save's drag is noisy, and the
+        interval follows C: it must not jump with it)."""
+        mean = seconds if self.cost_s is None else (1 - COST_MEAN_WEIGHT) * self.cost_s + COST_MEAN_WEIGHT * seconds
+        return replace(self, cost_s=mean)
 
     def stepped(self, seconds: float) -> "Costs":
         mean = seconds if self.step_s is None else (1 - STEP_MEAN_WEIGHT) * self.step_s + STEP_MEAN_WEIGHT * seconds

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-RECHOOSE_CHANGE = 0.1  # a new interval replaces the current one when it differs by more than this share
+RECHOOSE_CHANGE = 0.2  # a new interval replaces the current one when it differs by more than this share
 
 
 def optimal_interval_s(c_s: float, m_s: float) -> float:

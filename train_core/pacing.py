@@ -56,7 +56,7 @@ class Pacer:
         if self._last_boundary is not None:
             took = max(0.0, now - self._last_boundary - self._stalled_s)
             if writing and self.costs.step_s is not None:
-                self._drag_s += max(0.0, took - self.costs.step_s)
+                self._drag_s += took - self.costs.step_s  # signed: a step's noise cancels out over the save
             else:
                 self.costs = self.costs.stepped(took)
         self._last_boundary, self._stalled_s = now, 0.0
@@ -77,13 +77,13 @@ class Pacer:
 
     def saved_sync(self, save_s: float, stall_s: float) -> None:
         """A synchronous save took `save_s` (boundary to commit); the loop waited `stall_s`."""
-        self._record(replace(self.costs.saved(save_s, background=False), cost_s=stall_s), force=True)
+        self._record(self.costs.saved(save_s, background=False).cost(stall_s), force=True)
         self.choose()
 
     def saved_background(self, stage_s: float, written_s: float) -> None:
         """A background save committed: its copy took `stage_s`, its writer `written_s`."""
         c = self.costs.saved(stage_s + written_s, background=True)
-        self._record(replace(c, cost_s=(self.costs.stall_s or stage_s) + self._drag_s))
+        self._record(c.cost(max(0.0, (self.costs.stall_s or stage_s) + self._drag_s)))
         self._drag_s = 0.0
         self.choose()
 
