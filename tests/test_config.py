@@ -79,7 +79,11 @@ def test_retention_section(tmp_path):
         ("[retention]\nkeep_last = 0\n", "job.toml: [retention] keep_last must be >= 1 (the newest checkpoint is always kept), got 0"),
         ("[retension]\nkeep_last = 2\n", "job.toml: unknown section [retension] (did you mean 'retention'?)"),
         ("rundir = \"x\"\n", "job.toml: unknown key 'rundir' (did you mean 'run_dir'?)"),
-        ("[checkpoint]\ninterval_steps = 1.5\n", "job.toml: [checkpoint] interval_steps must be an integer (0: the script decides), got a number 1.5"),
+        ("[checkpoint]\ninterval_steps = 1.5\n", "job.toml: [checkpoint] interval_steps must be an integer (0: the script "
+         'decides; "auto": chosen from the save cost and the failure history), got a number 1.5'),
+        ("[checkpoint]\ninterval_steps = \"often\"\n", "job.toml: [checkpoint] interval_steps must be an integer"),
+        ("[stop]\nbudget_s = -1\n", "job.toml: [stop] budget_s"),
+        ("[checkpoint]\nbackground = 1\n", "job.toml: [checkpoint] background must be true or false"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, extra, message):
