@@ -45,6 +45,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=1200, help="steps per run (1,200: ~6 kills at a 60 s mean)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one SIGKILL schedule each")
     p.add_argument("--mean-s", type=float, default=60.0, help="mean time between kills")
+    p.add_argument("--intervals", nargs="+", default=[str(i) for i in INTERVALS],
+                   help="which intervals to run (auto and/or step counts)")
     p.add_argument("--work", default=None, help="where the runs go (default: a temporary dir)")
     args = p.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="interval-"))
@@ -61,10 +63,11 @@ def main() -> int:
     print(f"uninterrupted: {ideal.wall_s:.1f} s, step {ideal.step_s * 1e3:.0f} ms", flush=True)
     rows = ["| schedule | interval | kills | wall | goodput | lost a kill | recomputed a kill | bitwise | auto's choices |",
             "|" + "---|" * 9]
-    summary: dict[str, list[float]] = {str(i): [] for i in INTERVALS}
+    chosen = [i if i == "auto" else int(i) for i in args.intervals]
+    summary: dict[str, list[float]] = {str(i): [] for i in chosen}
     for seed in args.seeds:
         times = [(t * args.mean_s / 60.0, kind) for t, kind in goodput.schedule("sigkill", seed)]
-        for interval in INTERVALS:
+        for interval in chosen:
             name = f"sigkill{seed}-{interval}"
             r = run(name, interval, times)
             n = len(r.interruptions)
@@ -79,8 +82,9 @@ def main() -> int:
             print(rows[-1], flush=True)
     print("\n".join(rows))
     print("\nmean goodput: " + ", ".join(f"{k} {statistics.mean(v):.3f}" for k, v in summary.items()))
-    for seed_i, seed in enumerate(args.seeds):
-        best = max(summary[str(i)][seed_i] for i in INTERVALS[1:])
+    fixed = [str(i) for i in chosen if i != "auto"]
+    for seed_i, seed in enumerate(args.seeds if "auto" in summary and fixed else []):
+        best = max(summary[i][seed_i] for i in fixed)
         print(f"schedule {seed}: auto {summary['auto'][seed_i]:.3f} vs the best fixed {best:.3f} "
               f"(auto - best = {summary['auto'][seed_i] - best:+.3f})")
     return 0
