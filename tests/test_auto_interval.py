@@ -52,6 +52,7 @@ def _auto(monkeypatch, failures: int, mtbf: float = 60.0) -> None:
     monkeypatch.setenv("TRAINSUP_BACKGROUND_SAVES", "0")
 
 
+@pytest.mark.slow  # two 100-step runs with timed saves (~8 s)
 def test_ranks_choose_from_the_measured_cost_and_save_first_to_measure_it(tmp_path, monkeypatch):
     # each save takes 0.05 s; a step ~0.03 s: T = sqrt(2 * 0.05 * M)
     args = ("--steps", "100", "--eval-every", "0", "--sleep-s", "0.01", "--save-sleep-s", "0.05")
