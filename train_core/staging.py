@@ -80,44 +80,55 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
-def snapshot(obj: Any, buffers: Buffers | None = None, key: tuple = ()) -> Any:
-    """A copy of `obj` sharing nothing with it: tensors copied to CPU (into `buffers` when
-    given), containers rebuilt, any other value deep-copied. Tensors that are views of the same
-    memory (tied weights) stay one tensor in the copy, as safetensors expects."""
-    buffers = buffers or Buffers()
-    memo: dict[tuple, torch.Tensor] = {}
-    sources: list[torch.Tensor] = []
-    targets: list[torch.Tensor] = []
+class _Copies:
+    """The copies of one stage(), made at once at its end (one call for all CPU tensors: the
+    per-call overhead matters for many small ones). Views of the same memory (tied weights)
+    stay one tensor in the copy, as safetensors expects."""
 
-    def walk(o: Any, k: tuple) -> Any:
+    def __init__(self, buffers: Buffers) -> None:
+        self.buffers = buffers
+        self.memo: dict[Any, torch.Tensor] = {}
+        self.sources: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def walk(self, o: Any, k: tuple) -> Any:
+        """`o` rebuilt with every tensor replaced by its (not yet filled) buffer."""
         if isinstance(o, torch.Tensor):
             same = (o.data_ptr(), o.shape, o.stride(), o.dtype, o.device) if o.numel() else id(o)
-            buf = memo.get(same)
+            buf = self.memo.get(same)
             if buf is None:
-                buf = memo[same] = buffers.get(k, o)
-                sources.append(o)
-                targets.append(buf)
+                buf = self.memo[same] = self.buffers.get(k, o)
+                self.sources.append(o)
+                self.targets.append(buf)
             return buf
         if isinstance(o, dict):
             out = type(o)() if type(o) is not dict else {}
             for name, v in o.items():
-                out[name] = walk(v, (*k, name))
+                out[name] = self.walk(v, (*k, name))
             return out
         if type(o) in (list, tuple):
             if all(type(v) in _ATOMS for v in o):  # e.g. an optimizer's param indices
                 return type(o)(o)
-            return type(o)(walk(v, (*k, i)) for i, v in enumerate(o))
+            return type(o)(self.walk(v, (*k, i)) for i, v in enumerate(o))
         return o if type(o) in _ATOMS else copy.deepcopy(o)
 
-    copied = walk(obj, key)
-    with torch.no_grad():
-        on_cpu = [i for i, t in enumerate(sources) if t.device.type == "cpu"]
-        if on_cpu:  # one call for all of them: per-tensor overhead matters for many small tensors
-            torch._foreach_copy_([targets[i] for i in on_cpu], [sources[i] for i in on_cpu])
-        for t, buf in zip(sources, targets):
-            if t.device.type != "cpu":
-                buf.copy_(t, non_blocking=True)  # synchronized once, at the end of stage()
-    return copied
+    def copy(self) -> None:
+        with torch.no_grad():
+            on_cpu = [i for i, t in enumerate(self.sources) if t.device.type == "cpu"]
+            if on_cpu:
+                torch._foreach_copy_([self.targets[i] for i in on_cpu], [self.sources[i] for i in on_cpu])
+            for t, buf in zip(self.sources, self.targets):
+                if t.device.type != "cpu":
+                    buf.copy_(t, non_blocking=True)  # synchronized once, at the end of stage()
+
+
+def snapshot(obj: Any, buffers: Buffers | None = None) -> Any:
+    """A copy of `obj` sharing nothing with it: tensors copied to CPU (into `buffers` when
+    given), containers rebuilt, any other value deep-copied."""
+    copies = _Copies(buffers or Buffers())
+    out = copies.walk(obj, ())
+    copies.copy()
+    return out
 
 
 class _Frozen:
@@ -150,21 +161,20 @@ class Staged:
 def stage(accelerator: Any, objects: list[Any], buffers: Buffers) -> Staged:
     """Copy everything save_state would write, and the registered `objects`' state dicts, into
     `buffers`."""
-    weights = [snapshot(accelerator.get_state_dict(m, unwrap=False), buffers, ("model", i))
+    c = _Copies(buffers)
+    weights = [c.walk(accelerator.get_state_dict(m, unwrap=False), ("model", i))
                for i, m in enumerate(accelerator._models)]
-    optimizers = [_Frozen(snapshot(o.state_dict(), buffers, ("opt", i)))
-                  for i, o in enumerate(accelerator._optimizers)]
-    schedulers = [_Frozen(snapshot(s.state_dict(), buffers, ("sched", i)))
-                  for i, s in enumerate(accelerator._schedulers)]
+    optimizers = [_Frozen(c.walk(o.state_dict(), ("opt", i))) for i, o in enumerate(accelerator._optimizers)]
+    schedulers = [_Frozen(c.walk(s.state_dict(), ("sched", i))) for i, s in enumerate(accelerator._schedulers)]
     dataloaders = [SimpleNamespace(
         dataset=dl.dataset,
         use_stateful_dataloader=False,
         get_sampler=(lambda s=copy.deepcopy(dl.get_sampler()) if isinstance(dl.dataset, IterableDatasetShard)
                      else None: s),
     ) for dl in accelerator._dataloaders]
-    scaler = (_Frozen(snapshot(accelerator.scaler.state_dict(), buffers, ("scaler",)))
-              if accelerator.scaler is not None else None)
-    custom = [snapshot(obj.state_dict(), buffers, ("custom", i)) for i, obj in enumerate(objects)]
+    scaler = _Frozen(c.walk(accelerator.scaler.state_dict(), ("scaler",))) if accelerator.scaler is not None else None
+    custom = [c.walk(obj.state_dict(), ("custom", i)) for i, obj in enumerate(objects)]
+    c.copy()
     rng = rng_states(accelerator)
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the copies from a GPU were queued without waiting
