@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from train_core.runfiles import read_json, write_json_atomic
+from train_core.runfiles import json_number, read_json, write_json_atomic
 
 STEP_MEAN_WEIGHT = 0.1  # each new step's share of the running mean
 COST_MEAN_WEIGHT = 0.2  # each new save's share of C's running mean
@@ -86,21 +86,20 @@ def budget_problem(budget_s: float, costs: Costs) -> str | None:
 def load(path: str | os.PathLike) -> Costs:
     """costs.json, or Costs() when it is missing or not what this module writes (never raises)."""
     obj = read_json(path) or {}
-    if not isinstance(obj, dict):
-        return Costs()
-
-    def number(key: str) -> float | None:
-        v = obj.get(key)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-        return float(v) if ok else None
-
     measured = obj.get("save_measured")
     interval = obj.get("interval_steps")
-    return Costs(save_s=number("save_s"), save_measured=measured if measured in ("sync", "background") else "",
-                 stall_s=number("stall_s"), step_s=number("step_s"), cost_s=number("cost_s"),
-                 interval_steps=interval if isinstance(interval, int) and not isinstance(interval, bool)
-                 and interval > 0 else None, mtbf_s=number("mtbf_s"), optimum_s=number("optimum_s"),
-                 updated_at=number("updated_at") or 0.0)
+    return Costs(
+        save_s=json_number(obj, "save_s"),
+        save_measured=measured if measured in ("sync", "background") else "",
+        stall_s=json_number(obj, "stall_s"),
+        step_s=json_number(obj, "step_s"),
+        cost_s=json_number(obj, "cost_s"),
+        interval_steps=interval if isinstance(interval, int) and not isinstance(interval, bool) and interval > 0
+        else None,
+        mtbf_s=json_number(obj, "mtbf_s"),
+        optimum_s=json_number(obj, "optimum_s"),
+        updated_at=json_number(obj, "updated_at") or 0.0,
+    )
 
 
 def store(path: str | os.PathLike, costs: Costs) -> Costs:

@@ -9,9 +9,10 @@ invalid checkpoints unless `remove_invalid` is asked for.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Mapping
+
+from train_core.runfiles import is_number
 
 
 class RetentionError(ValueError):
@@ -80,7 +81,7 @@ def plan_retention(
     if valid:
         keep(valid[-1].step, "newest valid")
     if policy.keep_best:
-        scored = [e for e in valid if _finite(e.metrics.get(policy.best_metric))]
+        scored = [e for e in valid if is_number(e.metrics.get(policy.best_metric))]
         sign = 1.0 if policy.best_mode == "min" else -1.0
         scored.sort(key=lambda e: (sign * float(e.metrics[policy.best_metric]), e.step))
         for e in scored[: policy.keep_best]:
@@ -105,7 +106,3 @@ def plan_retention(
         delete=tuple(sorted(delete)),
         invalid=tuple(e.step for e in invalid),
     )
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

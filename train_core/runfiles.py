@@ -17,12 +17,13 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 # Environment contract (docs/contract.md, "Environment"): names may grow, never change.
 ENV_RUN_DIR = "TRAINSUP_RUN_DIR"
@@ -96,6 +97,17 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, durable: bool = True
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def json_number(obj: Mapping[str, Any], key: str) -> float | None:
+    """obj[key] when it is a finite number >= 0 (a field of a file read from disk), else None."""
+    value = obj.get(key)
+    return float(value) if is_number(value) and value >= 0 else None
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -6,7 +6,7 @@ checkpoint interval. A part of Runner, kept apart like stopping.py."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from train_core import costs as costing
 
@@ -40,14 +40,12 @@ class CostWatch:
         problem = costing.budget_problem(budget, c)
         self.budget_state = {"budget_s": budget, **costing.as_dict(c), "problem": problem}
         reported = self.budget_reported
-        if problem is None or (reported is not None and abs(c.save_s - reported) <= RE_REPORT_CHANGE * reported):
-            if problem is None:
-                self.budget_reported = None
+        if problem is None:
+            self.budget_reported = None
             return
+        if reported is not None and abs(c.save_s - reported) <= RE_REPORT_CHANGE * reported:
+            return  # reported already, with about this save cost
         self.budget_reported = c.save_s
         self._event("stop_budget_short", budget_s=budget, save_s=c.save_s, step_s=c.step_s,
                     save_measured=c.save_measured, message=problem)
         log.warning("stop budget too short: %s", problem)
-
-    def budget_status(self: Runner) -> dict[str, Any] | None:
-        return self.budget_state

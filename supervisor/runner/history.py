@@ -11,12 +11,10 @@ across attempts and supervisors, for the "auto" checkpoint interval (train_core/
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 
 from train_core.contract import ExitKind
-from train_core.runfiles import RunPaths, read_json, write_json_atomic
+from train_core.runfiles import RunPaths, json_number, read_json, write_json_atomic
 
 UNANNOUNCED = (ExitKind.ERROR, ExitKind.OOM, ExitKind.HUNG, ExitKind.KILLED)
 
@@ -30,13 +28,8 @@ class History:
 
 def load(paths: RunPaths) -> History:
     obj = read_json(paths.failures) or {}
-
-    def number(key: str, kind: type) -> Any:
-        v = obj.get(key)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-        return kind(v) if ok else None
-
-    return History(number("failures", int) or 0, number("uptime_s", float) or 0.0, number("open_since", float))
+    return History(int(json_number(obj, "failures") or 0), json_number(obj, "uptime_s") or 0.0,
+                   json_number(obj, "open_since"))
 
 
 def store(paths: RunPaths, h: History) -> None:
@@ -66,9 +59,4 @@ def ended(paths: RunPaths, h: History, duration_s: float, kind: ExitKind, asked_
     h = History(h.failures + int(failed), h.uptime_s + max(0.0, duration_s), None)
     store(paths, h)
     return h
-
-
-def for_ranks(h: History) -> str:
-    """What the ranks get ($TRAINSUP_FAILURES): "failures,uptime_s"."""
-    return f"{h.failures},{h.uptime_s:.1f}"
 

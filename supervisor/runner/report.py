@@ -59,5 +59,5 @@ def snapshot(r: "Runner", now: float) -> dict[str, Any]:
         "last_event": r.events.last if r.events else None,
         "watchers": r.watchers.status(),
         "launch_env": dict(r.batch.env) or None,  # e.g. the OOM back-off's batch shape
-        "stop_budget": r.budget_status(),  # budget_s against save_s + step_s; "problem" when short
+        "stop_budget": r.budget_state,  # budget_s against save_s + step_s; "problem" when short
     }
