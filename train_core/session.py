@@ -260,6 +260,8 @@ class TrainSession:
                     self._save(["final", *self._pending])
                 elif self._pending:
                     self._save(self._pending)
+                else:  # the exit report names the checkpoint a background save is still writing
+                    self._wait_for_save()
             except BaseException as e:
                 self._exit_with(e)
                 raise
@@ -293,7 +295,6 @@ class TrainSession:
         self.flag.uninstall()
 
     def _teardown(self) -> None:
-        self._saver.close(WRITER_EXIT_WAIT_S)
         try:
             self.watcher.write_status()
         except Exception:  # noqa: BLE001

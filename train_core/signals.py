@@ -55,7 +55,7 @@ class StopFlag:
         self.set_at: float | None = None  # time.monotonic() when first set: a stop's budget runs from here
         self._previous: dict[int, object] = {}
 
-    # The handler: two attribute stores and an Event.set, nothing that can block or do I/O.
+    # The handler: attribute stores and an Event.set, nothing that can block or do I/O.
     def _handler(self, signum: int, frame: object) -> None:
         if self.signum is None:
             self.signum = signum
