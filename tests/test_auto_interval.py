@@ -13,14 +13,9 @@ import math
 import pytest
 
 from supervisor_helpers import events, finish, start_supervisor, write_job
-from toy_inprocess import TOY, isolated, run, steps  # noqa: F401 - isolated: a fixture
+from toy_inprocess import TOY, isolated, run, steps  # noqa: F401 - isolated: an autouse fixture
 from train_core import costs as costing
 from train_core import interval
-
-
-@pytest.fixture(autouse=True)
-def _isolated(isolated):
-    yield
 
 
 def test_daly_is_young_for_a_cheap_save_and_the_mtbf_for_an_expensive_one():

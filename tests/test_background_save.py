@@ -21,18 +21,13 @@ import torch
 from safetensors.torch import load_file
 
 from supervisor_helpers import final_hash, wait_for
-from toy_inprocess import isolated, run, steps, toy  # noqa: F401 - isolated: a fixture
+from toy_inprocess import isolated, run, steps, toy  # noqa: F401 - isolated: an autouse fixture
 from train_core import staging
 from train_core.errors import CheckpointSaveFailed
 from train_core.store import CheckpointStore
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "tests" / "scripts" / "toy_train.py"
-
-
-@pytest.fixture(autouse=True)
-def _isolated(isolated):
-    yield
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,7 @@ from train_core.heartbeat import RankWatcher
 from train_core.runfiles import Control, RunPaths, read_json, write_control
 from train_core.signals import StopFlag, ignore_stop_signals_worker_init, parse_signal
 from train_core.store import CheckpointStore
-from toy_inprocess import STOP_SIGNALS, isolated, run, steps, toy  # noqa: F401 - isolated: a fixture
-
-
-
-@pytest.fixture(autouse=True)
-def _isolated(isolated):
-    """Every test here: no TRAINSUP_* env from outside, signal handlers and accelerate state restored."""
-    yield
+from toy_inprocess import STOP_SIGNALS, isolated, run, steps, toy  # noqa: F401 - isolated: an autouse fixture
 
 
 @pytest.fixture(scope="module")

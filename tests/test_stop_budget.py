@@ -16,16 +16,11 @@ from pathlib import Path
 import pytest
 
 from supervisor_helpers import events, finish, start_supervisor, wait_for, write_job
-from toy_inprocess import isolated, run, steps  # noqa: F401 - isolated: a fixture
+from toy_inprocess import isolated, run, steps  # noqa: F401 - isolated: an autouse fixture
 from train_core import costs as costing
 from train_core.store import CheckpointStore
 
 TOY = Path(__file__).parent / "scripts" / "toy_train.py"
-
-
-@pytest.fixture(autouse=True)
-def _isolated(isolated):
-    yield
 
 
 def test_budget_problem_names_the_need_and_the_fix():

@@ -22,9 +22,10 @@ _spec.loader.exec_module(toy)
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def isolated(monkeypatch):
-    """No TRAINSUP_* env from outside; signal handlers and accelerate state restored after."""
+    """Autouse in every test module that imports it: no TRAINSUP_* env from outside; signal
+    handlers and accelerate state restored after."""
     for key in list(os.environ):
         if key.startswith("TRAINSUP_"):
             monkeypatch.delenv(key)
