@@ -63,17 +63,21 @@ def test_background_files_equal_a_synchronous_save_of_the_same_step(tmp_path, mo
     monkeypatch.setenv("TRAINSUP_BACKGROUND_SAVES", "0")
     assert run(tmp_path / "sync", "--save-every", "4", "--eval-every", "0")[0] == 0
     monkeypatch.setenv("TRAINSUP_BACKGROUND_SAVES", "1")
-    writers = []
+    writers, threads = [], set()
     real_write = staging.write
 
     def spy(staged, tmp, **kw):
         writers.append(threading.current_thread().name)
+        threads.add(threading.current_thread())
         return real_write(staged, tmp, **kw)
 
     monkeypatch.setattr(staging, "write", spy)
     assert run(tmp_path / "bg", "--save-every", "4", "--eval-every", "0")[0] == 0
-    # every interval save but the last (merged into the final one) went through a writer thread
+    # every interval save but the last (merged into the final one) went through the writer thread
     assert writers == [f"trainsup-save-{s}" for s in (4, 8, 12, 16, 20)]
+    (writer,) = threads  # one thread for all saves, and it ends with the session
+    writer.join(5)
+    assert not writer.is_alive()
     sync, bg = (CheckpointStore(tmp_path / n / "checkpoints").scan(full=True) for n in ("sync", "bg"))
     assert [c.step for c in sync] == [c.step for c in bg] == [4, 8, 12, 16, 20, 24]
     assert all(c.valid for c in sync + bg)

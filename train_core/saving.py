@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
@@ -92,6 +93,7 @@ class Saver:
         self.world_size = world_size
         self.in_flight: InFlight | None = None
         self._buffers = staging.Buffers()
+        self._jobs: queue.SimpleQueue | None = None  # to the writer thread, kept from the first background save
 
     def save(self, position: Position, trainer_state: dict[str, Any], *, reasons: list[str],
              metrics: Mapping[str, float], ours: Iterable[Checkpoint | None],
@@ -137,8 +139,10 @@ class Saver:
                                safe)
         job = self.in_flight = InFlight(tmp, position.global_step, reasons, metrics)
         job.staged_bytes, job.stage_s = staged.nbytes, time.monotonic() - t0
-        threading.Thread(target=self._write_in_background, args=(job, staged, position, trainer_state, after_commit),
-                         name=f"trainsup-save-{position.global_step}", daemon=True).start()
+        if self._jobs is None:  # one thread for all saves: starting one costs the training ~1 ms each time
+            self._jobs = queue.SimpleQueue()
+            threading.Thread(target=self._writer_loop, args=(self._jobs,), name="trainsup-save", daemon=True).start()
+        self._jobs.put((job, staged, position, trainer_state, after_commit))
         return None
 
     def running(self) -> bool:
@@ -167,6 +171,9 @@ class Saver:
         staged state is worth keeping: a crash in the next step does not lose it), then abandon
         it. Rank 0: the checkpoint it committed, if it did. Not collective (other ranks may be gone)."""
         job, self.in_flight = self.in_flight, None
+        if self._jobs is not None:
+            self._jobs.put(None)  # the writer ends once its job (if any) is done
+            self._jobs = None
         if job is None:
             return None
         if not job.done.wait(timeout_s):
@@ -178,13 +185,18 @@ class Saver:
             log.error("the background save of %s failed: %s", step_dir_name(job.step), job.error)
         return Checkpoint(job.path, job.step, None) if job.path else None
 
-    def _write_in_background(self, job: InFlight, staged: staging.Staged, position: Position,
-                             trainer_state: dict[str, Any], after_commit: Any) -> None:
-        t0 = time.monotonic()
+    def _writer_loop(self, jobs: queue.SimpleQueue) -> None:
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
         except OSError:
             pass
+        while (item := jobs.get()) is not None:
+            threading.current_thread().name = f"trainsup-save-{item[0].step}"
+            self._write_in_background(*item)
+
+    def _write_in_background(self, job: InFlight, staged: staging.Staged, position: Position,
+                             trainer_state: dict[str, Any], after_commit: Any) -> None:
+        t0 = time.monotonic()
         try:
             error = self._write_files(job.tmp, trainer_state, staged)
             if not self.is_main:

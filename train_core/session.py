@@ -266,6 +266,7 @@ class TrainSession:
                 self._exit_with(e)
                 raise
             self._state = "finished"
+            self._saver.close(0.0)  # nothing is in flight now: this ends the writer thread
             self._report_exit(ExitKind.FINISHED, 0)
             self._teardown()
             self.close()
