@@ -8,6 +8,7 @@ launch`, 1 and 2 ranks, a real SIGKILL) are marked slow.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -203,7 +204,9 @@ def test_tied_weights_stay_one_tensor_in_the_copy():
     b = torch.nn.Linear(4, 4)
     b.weight = a.weight
     state = {"a": a.weight.detach(), "b": b.weight.detach(), "bias": a.bias.detach()}
-    copy = staging.snapshot(state)
+    copies = staging._Copies(staging.Buffers())
+    copy = copies.walk(state, ())
+    copies.copy()
     assert copy["a"] is copy["b"] and copy["a"] is not state["a"] and torch.equal(copy["a"], state["a"])
     state["a"].add_(1)
     assert not torch.equal(copy["a"], state["a"])
@@ -258,3 +261,87 @@ def test_two_ranks_write_in_the_background_and_resume_bitwise(tmp_path):
     assert [r["kind"] for r in reports] == ["finished", "finished"]
     assert [c.step for c in CheckpointStore(tmp_path / "bg" / "checkpoints").quarantined()] == [12, 16]  # redone
     assert final_hash(tmp_path / "bg") == final_hash(tmp_path / "ref")
+
+
+def test_the_writer_writes_the_metrics_of_its_own_step(tmp_path):
+    """The loop goes on reporting metrics while a slow writer has not written trainer_state.json
+    yet: the checkpoint holds the metrics as they were at its step, no later ones."""
+
+    last_micro = {}  # step -> the micro-batch that completed it
+
+    def on_micro(n, session, x):
+        session.report_metrics({f"m{n}": float(n)})
+        if session.accelerator.sync_gradients:
+            last_micro[session.global_step + 1] = n
+
+    code, _ = run(tmp_path, "--save-every", "4", "--eval-every", "0", "--steps", "9", "--write-sleep-s", "0.3",
+                  on_micro=on_micro)
+    assert code == 0
+    ckpts = CheckpointStore(tmp_path / "checkpoints").scan()
+    assert [c.step for c in ckpts] == [4, 8, 9]
+    for c in ckpts:
+        metrics = json.loads((c.path / "trainer_state.json").read_text())["metrics"]
+        assert sorted(metrics, key=lambda k: int(k[1:])) == [f"m{n}" for n in range(1, last_micro[c.step] + 1)]
+
+
+def test_a_stop_after_a_failed_background_write_still_saves(tmp_path, monkeypatch):
+    """The background save of step 8 fails; a stop arrives before the next boundary: the
+    stop's own save is made (the failure is logged), not lost to the earlier one's error."""
+    real_write = staging.write
+    calls = []
+
+    def failing(staged, tmp, **kw):
+        calls.append(tmp.name)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real_write(staged, tmp, **kw)
+
+    monkeypatch.setattr(staging, "write", failing)
+    code, rep = run(tmp_path, "--save-every", "4", "--eval-every", "0", "--signal-at", "25")
+    assert code == 75 and rep["kind"] == "saved" and rep["step"] == 9, (code, rep)
+    assert steps(tmp_path) == [4, 9] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_a_rank_whose_writer_fails_without_a_marker_fails_every_rank(tmp_path):
+    """Rank 1's writer cannot leave its marker: rank 0's writer stops waiting for it (the ranks
+    agree that one failed) and every rank ends with the save's error, none hangs."""
+    from test_session_resume import launch
+
+    reports = launch(tmp_path, "--eval-every", "0", "--save-every", "4", "--steps", "16", "--no-marker-rank", "1",
+                     nproc=2)
+    assert [r["kind"] for r in reports] == ["error", "error"], reports
+    assert all("step-00000004 in the background failed" in r["detail"] for r in reports), reports
+    assert steps(tmp_path) == [] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_one_rank_that_cannot_stage_makes_every_rank_save_synchronously(tmp_path):
+    from test_session_resume import launch
+
+    args = ("--eval-every", "0", "--save-every", "4", "--steps", "12")
+    launch(tmp_path / "ref", *args, nproc=2)
+    # rank 0 could stage, rank 1 cannot: a split would pair different collectives and hang
+    reports = launch(tmp_path / "hook", *args, "--prehook-rank", "1", nproc=2)
+    assert [r["kind"] for r in reports] == ["finished", "finished"], reports
+    assert steps(tmp_path / "hook") == [4, 8, 12]
+    assert final_hash(tmp_path / "hook") == final_hash(tmp_path / "ref")
+
+
+def test_a_rank_that_writes_only_its_generators_copies_only_them(tmp_path, monkeypatch):
+    """save_accelerator_state writes model, optimizer, scheduler and scaler on the main process
+    only: another rank stages its random states and nothing else (no second copy of the model)."""
+    staged = {}
+
+    def on_micro(n, session, x):
+        if n == 3:
+            staged["main"] = staging.stage(session.accelerator, [], staging.Buffers())
+            with monkeypatch.context() as m:
+                m.setattr(type(session.accelerator), "is_main_process", property(lambda self: False))
+                staged["other"] = staging.stage(session.accelerator, [], staging.Buffers())
+
+    assert run(tmp_path, "--steps", "2", "--eval-every", "0", on_micro=on_micro)[0] == 0
+    main, other = staged["main"], staged["other"]
+    assert main.weights and main.optimizers and main.nbytes > 0
+    assert (other.weights, other.optimizers, other.schedulers, other.dataloaders, other.nbytes) == ([], [], [], [], 0)
+    assert other.rng.keys() == main.rng.keys()

@@ -18,6 +18,7 @@ waits for it (none is coalesced away), and so does any synchronous save.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -48,6 +49,11 @@ _REASON_ORDER = ("final", "preempt", "best", "request", "interval")  # the first
 def custom_file(index: int) -> str:
     """accelerate's name for the index-th registered object (kept: plain load_state users know it)."""
     return f"custom_checkpoint_{index}.pkl"
+
+
+def _failed_text(what: str, error: str) -> str:
+    """`what` failed: this rank's error, or (it worked here) another rank's."""
+    return f"{what} failed{': ' + error if error else ' on another rank'}"
 
 
 def main_reason(reasons: list[str]) -> str:
@@ -107,7 +113,7 @@ class Saver:
             return existing, False
         error = self._write_files(tmp, trainer_state)
         if not self.collectives.all_ok(not error):  # doubles as the barrier before the commit
-            raise self._failed(tmp, f"saving {name} failed{': ' + error if error else ' on another rank'}", safe)
+            raise self._failed(tmp, _failed_text(f"saving {name}", error), safe)
         result = self.collectives.broadcast(
             self._commit(tmp, position, reasons=reasons, metrics=metrics) if self.is_main else None)
         if result[0] != "ok":
@@ -135,13 +141,14 @@ class Saver:
         except Exception as e:  # noqa: BLE001 - every rank must learn of it
             error = one_line(e)
         if not self.collectives.all_ok(not error):
-            raise self._failed(tmp, f"copying {name} to memory failed{': ' + error if error else ' on another rank'}",
-                               safe)
+            raise self._failed(tmp, _failed_text(f"copying {name} to memory", error), safe)
         job = self.in_flight = InFlight(tmp, position.global_step, reasons, metrics)
         job.staged_bytes, job.stage_s = staged.nbytes, time.monotonic() - t0
         if self._jobs is None:  # one thread for all saves: starting one costs the training ~1 ms each time
             self._jobs = queue.SimpleQueue()
             threading.Thread(target=self._writer_loop, args=(self._jobs,), name="trainsup-save", daemon=True).start()
+        # the loop goes on changing its metrics dict (and whatever else it shares): the writer gets its own
+        position, trainer_state = copy.deepcopy((position, trainer_state))
         self._jobs.put((job, staged, position, trainer_state, after_commit))
         return None
 
@@ -160,8 +167,7 @@ class Saver:
         self.in_flight = None
         name = step_dir_name(job.step)
         if not self.collectives.all_ok(not job.error):
-            raise self._failed(None, f"saving {name} in the background failed"
-                               f"{': ' + job.error if job.error else ' on another rank'}", safe)
+            raise self._failed(None, _failed_text(f"saving {name} in the background", job.error), safe)
         log.info("saved %s (%s, written in the background)", name, "+".join(job.reasons))
         return Checkpoint(job.path or self.store.root / name, job.step,
                           {"reason": main_reason(job.reasons), "metrics": job.metrics})
@@ -203,12 +209,13 @@ class Saver:
                 self._leave_marker(job, error)
             else:
                 error = error or self._wait_for_ranks(job)
+                if not error and job.abandon.is_set():  # the session has given it up: no late commit
+                    error = "abandoned before the commit"
                 if not error:
                     kind, text = self._commit(job.tmp, position, reasons=job.reasons, metrics=job.metrics)
                     if kind == "ok":
                         job.path = Path(text)
-                        if after_commit is not None:
-                            after_commit(Checkpoint(job.path, job.step, None))
+                        self._after(after_commit, job)
                     else:
                         error = f"committing failed: {text}"
                 if error:
@@ -219,6 +226,21 @@ class Saver:
         finally:
             job.written_s = time.monotonic() - t0
             job.done.set()
+
+    @staticmethod
+    def _after(after_commit: Any, job: InFlight) -> None:
+        """`after_commit` of a committed save: its failure does not undo the save."""
+        if after_commit is None or job.abandon.is_set():
+            return
+        try:
+            after_commit(Checkpoint(job.path, job.step, None))
+        except Exception as e:  # noqa: BLE001
+            log.warning("after committing %s: %s", step_dir_name(job.step), one_line(e))
+
+    def failed_here(self) -> bool:
+        """This rank's writer finished its part of the save in flight, and failed."""
+        job = self.in_flight
+        return job is not None and job.done.is_set() and bool(job.error)
 
     def _leave_marker(self, job: InFlight, error: str) -> None:
         marker = rank_marker(job.tmp, self.rank, FAILED if error else WRITTEN)

@@ -134,6 +134,7 @@ class TrainSession:
         # periodic saves ("interval", "best", "request") are written in the background unless the
         # job ([checkpoint] background), the script or the setup (staging.unsupported) says no
         self.background_saves = settings.env_bool(ENV_BACKGROUND_SAVES, background_saves)
+        self._background_checked = False  # _background() has asked every rank (once)
         self.pacer = Pacer(self.paths, is_main=self.is_main, fixed_steps=every, auto=auto,
                            budget_s=settings.env_float(ENV_STOP_BUDGET_S),
                            agree=lambda v: self._collectives.all_max([v])[0])
@@ -413,33 +414,49 @@ class TrainSession:
 
     # ------------------------------------------------------------------ agreement
     def _agree(self) -> tuple[bool, bool, int]:
-        """[stop, pause, save_seq, writing], MAX over ranks: every rank gets the same answer at the
-        same step. When no rank is still writing the background save in flight, its outcome is
-        taken in (a failure raises on every rank)."""
+        """[stop, pause, save_seq, writing, failed], MAX over ranks: every rank gets the same
+        answer at the same step. When no rank is still writing the background save in flight, its
+        outcome is taken in (a failure raises on every rank; with a stop, the stop's save comes
+        first). A rank whose writer failed ends rank 0's wait for its marker file."""
         try:
             self.watcher.poll_control()
         except Exception as e:  # noqa: BLE001 - the watcher thread reads it again soon
             log.warning("could not read %s: %s", self.paths.control, e)
-        stop, pause, seq, writing = self._collectives.all_max(
+        stop, pause, seq, writing, failed = self._collectives.all_max(
             [int(self.flag.is_set()), int(self.watcher.control.pause), int(self.watcher.control.save_seq),
-             int(self._saver.running())])
-        if self._saver.in_flight is not None and not writing:
+             int(self._saver.running()), int(self._saver.failed_here())])
+        if failed and self._saver.in_flight is not None:
+            self._saver.in_flight.abandon.set()
+            self._saver.in_flight.done.wait()
+            writing = False
+        if self._saver.in_flight is not None and not writing and not stop:
             self._wait_for_save()
         return bool(stop), bool(pause), seq
 
     def _background(self) -> bool:
-        if not self.background_saves:
-            return False
-        why = staging.unsupported(self.accelerator)
-        if why:
-            log.info("saving synchronously: %s", why)
-            self.background_saves = False
-        return not why
+        """Collective (at a save every rank makes): whether it is written in the background,
+        decided once for the session; one rank that cannot stage makes every rank save
+        synchronously (the two ways make different collectives)."""
+        if self.background_saves and not self._background_checked:
+            self._background_checked = True
+            why = staging.unsupported(self.accelerator)
+            if not self._collectives.all_ok(not why):
+                log.info("saving synchronously: %s", why or "another rank cannot stage its state")
+                self.background_saves = False
+        return self.background_saves
 
-    def _wait_for_save(self) -> None:
-        """Collective: the background save in flight, if any, finished (waits for it)."""
+    def _wait_for_save(self, *, keep_going: bool = False) -> None:
+        """Collective: the background save in flight, if any, finished (waits for it). Its
+        failure raises, unless `keep_going` (a stop's or the final save comes next: it is logged
+        and that save is still made)."""
         job = self._saver.in_flight
-        ckpt = self._saver.wait(safe=self.last_checkpoint or self.resumed_from)
+        try:
+            ckpt = self._saver.wait(safe=self.last_checkpoint or self.resumed_from)
+        except CheckpointSaveFailed as e:
+            if not keep_going:
+                raise
+            log.error("%s; saving step %d now", e, self.global_step)
+            return
         if ckpt is not None:
             self.last_checkpoint = ckpt
             self.pacer.saved_background(job.stage_s, job.written_s)
@@ -455,6 +472,7 @@ class TrainSession:
                 self.watcher.poll_control()
                 stop, pause, seq = self._agree()
             self._state = "training"
+            self.pacer.paused()
             self.watcher.write_status()
         if stop:
             self._stop(self.flag.describe() if self.flag.is_set() else "another rank was asked to stop")
@@ -467,25 +485,34 @@ class TrainSession:
         then no save starts (a save cut off by a kill is worth nothing) and the steps since the
         newest checkpoint are named as lost. A background save in flight is waited for while the
         budget lasts (its state is already in memory), then abandoned."""
-        left = self._collectives.broadcast(self._stop_time_left() if self.is_main else None)
-        budget = self.pacer.budget(self.watcher.control.stop_budget_s)
+        budget, left = self._stop_clock()
         if left is not None and self._saver.in_flight is not None:
             if self._collectives.all_ok(self._saver.in_flight.done.wait(max(0.0, left))):
-                self._wait_for_save()
+                self._wait_for_save(keep_going=True)
             else:
                 step = self._saver.in_flight.step
                 self._saver.close(0.0)
                 self._stop_unsaved(why, f"the background save of step {step} could not finish within the stop's "
                                         f"{budget:.1f} s")
-            left = self._collectives.broadcast(self._stop_time_left() if self.is_main else None)
-        save_s = self.pacer.costs.save_s
-        if left is not None and not self._collectives.broadcast(costing.save_fits(left, save_s) if self.is_main else None):
-            self._stop_unsaved(why, f"{max(0.0, left):.1f} s of the stop's {budget:.1f} s were left and a save takes "
-                                    f"about {save_s:.1f} s")
+            budget, left = self._stop_clock()
+        if left is not None:
+            # rank 0 keeps the measured costs (costs.json): its verdict, and the figure it used
+            fits, save_s = self._collectives.broadcast(
+                (costing.save_fits(left, self.pacer.costs.save_s), self.pacer.costs.save_s) if self.is_main else None)
+            if not fits:
+                self._stop_unsaved(why, f"{max(0.0, left):.1f} s of the stop's {budget:.1f} s were left and a save "
+                                        f"takes about {save_s:.1f} s")
         raise StopTraining(self._save(["preempt", *self._pending]), why)
 
-    def _stop_time_left(self) -> float | None:
-        return self.pacer.time_left(self.watcher.control.stop_budget_s, self.flag.set_at)
+    def _stop_clock(self) -> tuple[float | None, float | None]:
+        """Collective: (the stop's budget, the time left of it), the same on every rank: rank 0's
+        budget (the job's, or control.json's when shorter; None: unbounded), counted from the
+        rank that was asked first."""
+        asked = self.flag.set_at
+        (waited_ms,) = self._collectives.all_max([int(1000 * (time.monotonic() - asked)) if asked is not None else 0])
+        budget = self._collectives.broadcast(
+            self.pacer.budget(self.watcher.control.stop_budget_s) if self.is_main else None)
+        return budget, None if budget is None else budget - waited_ms / 1000
 
     def _stop_unsaved(self, why: str, reason: str) -> None:
         last = self.last_checkpoint or self.resumed_from
@@ -523,7 +550,7 @@ class TrainSession:
         if not background:  # a background save holds the loop a few ms: no heartbeat says "saving"
             self.watcher.write_status()
         t_wait = time.monotonic()
-        self._wait_for_save()
+        self._wait_for_save(keep_going="preempt" in reasons or "final" in reasons)
         t0 = time.monotonic()
         position = self._position()
         state = position.trainer_state(best_metric=self.best_metric, best_mode=self.best_mode,

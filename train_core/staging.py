@@ -13,8 +13,9 @@ What is copied: every tensor of the model, optimizer, scheduler, grad scaler and
 objects' state dicts (to CPU; from a GPU into pinned buffers), the sampler of an iterable
 dataset's shard, and the random number generators' states, which accelerate reads from the
 global generators when it writes: they are read here (rng_states). The copies go into buffers
-reused from save to save: one copy of the state stays allocated (the peak RSS of a run with
-background saves is one copy more).
+reused from save to save: one copy of the state stays allocated on the main process (the peak
+RSS of a run with background saves is one copy more); the other ranks copy only what they
+write, their generators' states.
 
 Not every setup can be staged; `unsupported(accelerator)` says why not, and those save
 synchronously with `save_state` as before: FSDP, DeepSpeed, Megatron-LM and XLA (their save
@@ -122,15 +123,6 @@ class _Copies:
                     buf.copy_(t, non_blocking=True)  # synchronized once, at the end of stage()
 
 
-def snapshot(obj: Any, buffers: Buffers | None = None) -> Any:
-    """A copy of `obj` sharing nothing with it: tensors copied to CPU (into `buffers` when
-    given), containers rebuilt, any other value deep-copied."""
-    copies = _Copies(buffers or Buffers())
-    out = copies.walk(obj, ())
-    copies.copy()
-    return out
-
-
 class _Frozen:
     """Stands in for an optimizer, scheduler or scaler: its state_dict() is the staged copy."""
 
@@ -162,17 +154,21 @@ def stage(accelerator: Any, objects: list[Any], buffers: Buffers) -> Staged:
     """Copy everything save_state would write, and the registered `objects`' state dicts, into
     `buffers`."""
     c = _Copies(buffers)
-    weights = [c.walk(accelerator.get_state_dict(m, unwrap=False), ("model", i))
-               for i, m in enumerate(accelerator._models)]
-    optimizers = [_Frozen(c.walk(o.state_dict(), ("opt", i))) for i, o in enumerate(accelerator._optimizers)]
-    schedulers = [_Frozen(c.walk(s.state_dict(), ("sched", i))) for i, s in enumerate(accelerator._schedulers)]
+    # save_accelerator_state writes the model, optimizer, scheduler, sampler and scaler files on
+    # the main process only; the other ranks write their generators' states, so that is all they copy
+    main = accelerator.is_main_process
+    models, opts, scheds = (accelerator._models, accelerator._optimizers, accelerator._schedulers) if main else ([],) * 3
+    weights = [c.walk(accelerator.get_state_dict(m, unwrap=False), ("model", i)) for i, m in enumerate(models)]
+    optimizers = [_Frozen(c.walk(o.state_dict(), ("opt", i))) for i, o in enumerate(opts)]
+    schedulers = [_Frozen(c.walk(s.state_dict(), ("sched", i))) for i, s in enumerate(scheds)]
     dataloaders = [SimpleNamespace(
         dataset=dl.dataset,
         use_stateful_dataloader=False,
         get_sampler=(lambda s=copy.deepcopy(dl.get_sampler()) if isinstance(dl.dataset, IterableDatasetShard)
                      else None: s),
-    ) for dl in accelerator._dataloaders]
-    scaler = _Frozen(c.walk(accelerator.scaler.state_dict(), ("scaler",))) if accelerator.scaler is not None else None
+    ) for dl in (accelerator._dataloaders if main else [])]
+    scaler = (_Frozen(c.walk(accelerator.scaler.state_dict(), ("scaler",)))
+              if main and accelerator.scaler is not None else None)
     custom = [c.walk(obj.state_dict(), ("custom", i)) for i, obj in enumerate(objects)]
     c.copy()
     rng = rng_states(accelerator)

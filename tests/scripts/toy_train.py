@@ -18,6 +18,8 @@ Test hooks (all optional):
   --save-sleep-s S      every save sleeps S seconds before writing (a slow disk, a big model)
   --write-sleep-s S     every background save's writer sleeps S seconds before writing (ditto,
                         for saves written in the background)
+  --no-marker-rank R    rank R's background writer cannot leave its marker file (an I/O error)
+  --prehook-rank R      rank R registers a save_state pre-hook (so it cannot stage its state)
 On a normal finish rank 0 writes RUN_DIR/final_hash.json (sha256 of model, EMA and optimizer).
 """
 
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None, on_micro=None) -> int:
     p.add_argument("--load-oom", default="")
     p.add_argument("--save-sleep-s", type=float, default=0.0)
     p.add_argument("--write-sleep-s", type=float, default=0.0)
+    p.add_argument("--no-marker-rank", type=int)
+    p.add_argument("--prehook-rank", type=int)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -165,6 +169,13 @@ def main(argv: list[str] | None = None, on_micro=None) -> int:
     )
     if args.write_sleep_s:
         slow_background_writes(session, args.write_sleep_s)
+    if args.no_marker_rank == accelerator.process_index:
+        def no_marker(job, error):
+            raise OSError(5, "Input/output error (--no-marker-rank)")
+
+        session._saver._leave_marker = no_marker
+    if args.prehook_rank == accelerator.process_index:
+        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: None)
     model = torch.nn.Sequential(torch.nn.Linear(8, args.hidden), torch.nn.GELU(), torch.nn.Dropout(0.2),
                                 torch.nn.Linear(args.hidden, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
