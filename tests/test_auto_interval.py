@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 
@@ -89,3 +90,70 @@ def test_supervisor_keeps_the_failure_history_and_each_choice_is_an_event(tmp_pa
     # M falls as the crashes come, and the interval with it
     assert measured[-1]["mtbf_s"] < measured[0]["mtbf_s"] / 2
     assert measured[-1]["interval_steps"] < measured[0]["interval_steps"]
+
+
+def test_an_unbounded_mtbf_chooses_the_ceiling_and_never_raises():
+    kw = dict(c_s=0.5, prior_s=3600, failures=0, step_s=0.1, min_steps=1, max_s=30)
+    assert interval.choose(**kw, uptime_s=1e308 * 10).steps == 300  # inf uptime: as rarely as allowed
+
+
+def test_a_hostile_failure_history_stays_finite(tmp_path):
+    from supervisor.runner import history
+    from train_core.runfiles import RunPaths
+
+    paths = RunPaths(tmp_path)
+    (tmp_path / "failures.json").write_text(json.dumps({"failures": 1, "uptime_s": 10.0, "open_since": 100.0}))
+    for beat in ("true", "1e999", "-5", '"soon"', "1e300"):
+        (tmp_path / "status.json").write_text('{"updated_at": %s}' % beat)
+        h = history.recover(paths)
+        # counted as a failure; the open attempt's uptime is finite and ends no later than now
+        assert h.failures == 2 and 10.0 <= h.uptime_s <= 10.0 + (time.time() - 100.0) and h.open_since is None
+        (tmp_path / "failures.json").write_text(json.dumps({"failures": 1, "uptime_s": 10.0, "open_since": 100.0}))
+
+
+def test_auto_settings_out_of_range_are_refused(monkeypatch):
+    from train_core import settings
+    from train_core.errors import SessionError
+
+    monkeypatch.setenv("TRAINSUP_CHECKPOINT_INTERVAL_STEPS", "auto")
+    for bad in ({"expected_mtbf_s": "nan"}, {"min_steps": 0}, {"uptime_s": -1}, {"max_s": "inf"}):
+        monkeypatch.setenv("TRAINSUP_AUTO_INTERVAL", json.dumps(bad))
+        with pytest.raises(SessionError, match=next(iter(bad))):
+            settings.save_interval(0)
+    monkeypatch.setenv("TRAINSUP_AUTO_INTERVAL", json.dumps({"failures": 2}))
+    assert settings.save_interval(0)[1].failures == 2
+
+
+def _pacer(tmp_path):
+    from train_core.pacing import Pacer
+    from train_core.runfiles import RunPaths
+
+    return Pacer(RunPaths(tmp_path), is_main=True, fixed_steps=1, auto=None, budget_s=None, agree=lambda v: v)
+
+
+def test_a_pause_is_not_a_step_and_a_writer_costs_at_most_its_own_time(tmp_path):
+    p = _pacer(tmp_path)
+    for _ in range(3):
+        p.stepped(writing=False)
+        time.sleep(0.01)
+    p.stepped(writing=False)
+    step = p.costs.step_s
+    p.paused()
+    time.sleep(0.3)  # paused: not a step
+    p.stepped(writing=False)
+    assert p.costs.step_s == step
+    p.started(5, 0.002)
+    time.sleep(0.3)  # an eval while the writer writes: a long step, but no drag beyond the writer's 0.05 s
+    p.stepped(writing=True)
+    p.saved_background(0.002, 0.05)
+    assert p.costs.cost_s <= 0.002 + 0.05 + 1e-9
+
+
+def test_an_earlier_attempts_synchronous_save_time_gives_way_to_this_ones(tmp_path):
+    costing.store(tmp_path / "costs.json", costing.Costs(save_s=100.0, save_measured="sync"))
+    p = _pacer(tmp_path)
+    p.saved_background(0.01, 0.5)  # this attempt has timed no synchronous save: its own figure counts
+    assert p.costs.save_s == pytest.approx(0.51) and p.costs.save_measured == "background"
+    p.saved_sync(0.2, 0.2)
+    p.saved_background(0.01, 0.5)  # now a synchronous figure of this attempt stays
+    assert p.costs.save_s == 0.2 and p.costs.save_measured == "sync"

@@ -42,10 +42,13 @@ class Costs:
     optimum_s: float | None = None
     updated_at: float = 0.0
 
-    def saved(self, seconds: float, *, background: bool) -> "Costs":
-        """After a save that took `seconds` (a background one: the copy plus the writer)."""
-        if background and self.save_measured == "sync":
-            return self  # a synchronous timing is the better estimate of a stop's save
+    def saved(self, seconds: float, *, background: bool, keep_sync: bool = True) -> "Costs":
+        """After a save that took `seconds` (a background one: the copy plus the writer).
+        `keep_sync`: a synchronous timing stays (the better estimate of a stop's save); a process
+        that has not timed one itself passes False, so that a figure left by an earlier attempt
+        (another machine, another disk) cannot hold forever."""
+        if background and keep_sync and self.save_measured == "sync":
+            return self
         return replace(self, save_s=seconds, save_measured="background" if background else "sync")
 
     def stalled(self, seconds: float) -> "Costs":

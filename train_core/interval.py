@@ -57,8 +57,13 @@ def choose(*, c_s: float, step_s: float, prior_s: float, uptime_s: float, failur
     """The interval in optimizer steps for save cost `c_s` and step time `step_s`."""
     m = mtbf_s(prior_s, uptime_s, failures)
     t = optimal_interval_s(c_s, m)
-    steps = round(t / step_s) if step_s > 0 else min_steps
     ceiling = max(min_steps, math.floor(max_s / step_s)) if step_s > 0 and max_s > 0 else None
+    if step_s <= 0:
+        steps = min_steps
+    elif math.isfinite(t):
+        steps = round(t / step_s)
+    else:  # an M without bound (a history of huge uptimes): as rarely as the ceiling allows
+        steps = ceiling or min_steps
     steps = max(min_steps, steps if ceiling is None else min(steps, ceiling))
     return Choice(steps, c_s, m, t)
 

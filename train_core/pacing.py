@@ -5,7 +5,7 @@
   Pacer.due            whether a periodic save is due at this step
   Pacer.saved_*        after a save: what it cost (train_core.costs), then, with "auto", the
                        interval chosen anew (train_core.interval)
-  Pacer.time_left      a stop's budget less the time since the stop was asked for
+  Pacer.budget         a stop's budget (the job's, or control.json's when shorter)
 
 Rank 0 measures and decides; its choice of interval reaches every rank through one small
 collective (`agree`), so every rank saves at the same step. RUN_DIR/costs.json is rank 0's
@@ -48,6 +48,7 @@ class Pacer:
         self._last_boundary: float | None = None
         self._stalled_s = 0.0  # of the time since the last boundary, spent saving
         self._drag_s = 0.0  # steps' extra time while the save in flight was written
+        self._timed_sync = False  # this process timed a synchronous save (costs.json may hold an older one)
 
     # -- the loop --------------------------------------------------------------
     def stepped(self, *, writing: bool) -> None:
@@ -60,6 +61,10 @@ class Pacer:
             else:
                 self.costs = self.costs.stepped(took)
         self._last_boundary, self._stalled_s = now, 0.0
+
+    def paused(self) -> None:
+        """The loop waited (a pause): the next step's time starts at the next boundary."""
+        self._last_boundary = None
 
     def due(self, step: int) -> bool:
         if not self.steps:
@@ -77,13 +82,16 @@ class Pacer:
 
     def saved_sync(self, save_s: float, stall_s: float) -> None:
         """A synchronous save took `save_s` (boundary to commit); the loop waited `stall_s`."""
+        self._timed_sync = True
         self._record(self.costs.saved(save_s, background=False).cost(stall_s), force=True)
         self.choose()
 
     def saved_background(self, stage_s: float, written_s: float) -> None:
         """A background save committed: its copy took `stage_s`, its writer `written_s`."""
-        c = self.costs.saved(stage_s + written_s, background=True)
-        self._record(c.cost(max(0.0, (self.costs.stall_s or stage_s) + self._drag_s)))
+        c = self.costs.saved(stage_s + written_s, background=True, keep_sync=self._timed_sync)
+        stall = self.costs.stall_s if self.costs.stall_s is not None else stage_s
+        # a writer cannot slow the training by more than its own time (an eval meanwhile is no drag)
+        self._record(c.cost(max(0.0, stall + min(self._drag_s, written_s))))
         self._drag_s = 0.0
         self.choose()
 
@@ -99,21 +107,23 @@ class Pacer:
             if c.cost_s is None or c.step_s is None:  # not measured yet: save soon, which measures it
                 mine = auto.min_steps
             else:
-                choice = interval.choose(c_s=c.cost_s, step_s=c.step_s, prior_s=auto.expected_mtbf_s,
-                                         uptime_s=auto.uptime_s + time.monotonic() - self._started_at,
-                                         failures=auto.failures, min_steps=auto.min_steps, max_s=auto.max_s)
                 current = self.steps or None
-                mine = choice.steps if interval.worth_changing(current, choice.steps) else current
+                try:
+                    choice = interval.choose(c_s=c.cost_s, step_s=c.step_s, prior_s=auto.expected_mtbf_s,
+                                             uptime_s=auto.uptime_s + time.monotonic() - self._started_at,
+                                             failures=auto.failures, min_steps=auto.min_steps, max_s=auto.max_s)
+                    mine = choice.steps if interval.worth_changing(current, choice.steps) else current
+                except (ArithmeticError, ValueError) as e:  # every rank waits in agree(): never raise here
+                    log.warning("checkpoint interval: keeping %s (%s)", current, e)
+                    choice, mine = None, current or auto.min_steps
         steps = self.agree(mine)
         if steps == self.steps:
             return
         self.steps = steps
         log.info("checkpoint interval: %d step(s)%s", steps, f" (C {choice.c_s:.3f} s, M {choice.m_s:.0f} s)"
                  if choice else " until the save cost is measured")
-        if choice is not None:
-            self._record(replace(self.costs, interval_steps=steps, mtbf_s=choice.m_s, optimum_s=choice.t_s), force=True)
-        else:
-            self._record(replace(self.costs, interval_steps=steps), force=True)
+        chosen = dict(mtbf_s=choice.m_s, optimum_s=choice.t_s) if choice is not None else {}
+        self._record(replace(self.costs, interval_steps=steps, **chosen), force=True)
 
     def _record(self, costs: costing.Costs, *, force: bool = False) -> None:
         self.costs = costs
@@ -130,10 +140,3 @@ class Pacer:
         """This stop's budget: the job's, or control.json's when shorter; None: unbounded."""
         budgets = [b for b in (self.budget_s, control_budget_s) if b and b > 0]
         return min(budgets) if budgets else None
-
-    def time_left(self, control_budget_s: float, asked_at: float | None) -> float | None:
-        """The budget less the time since the stop was asked for (time.monotonic() `asked_at`)."""
-        budget = self.budget(control_budget_s)
-        if budget is None:
-            return None
-        return budget - (time.monotonic() - (asked_at if asked_at is not None else time.monotonic()))

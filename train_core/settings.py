@@ -7,7 +7,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,11 @@ def save_interval(script_value: int | str) -> tuple[int, AutoInterval | None]:
                                if k in AutoInterval.__dataclass_fields__})
     except (ValueError, TypeError) as e:
         raise SessionError(f"{ENV_AUTO_INTERVAL} is not what trainsup writes ({e}); unset it") from None
+    bad = [k for k, v in asdict(auto).items()
+           if not math.isfinite(v) or v < 0 or (k in ("expected_mtbf_s", "min_steps") and v <= 0)]
+    if bad:
+        raise SessionError(f"{ENV_AUTO_INTERVAL}: {', '.join(bad)} out of range ({asdict(auto)}); unset it or give "
+                           "expected_mtbf_s > 0, min_steps >= 1 and the others >= 0")
     return 0, auto
 
 

@@ -11,6 +11,7 @@ across attempts and supervisors, for the "auto" checkpoint interval (train_core/
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, replace
 
 from train_core.contract import ExitKind
@@ -41,9 +42,9 @@ def recover(paths: RunPaths) -> History:
     h = load(paths)
     if h.open_since is None:
         return h
-    beat = (read_json(paths.status) or {}).get("updated_at")
-    end = beat if isinstance(beat, (int, float)) and beat >= h.open_since else h.open_since
-    h = History(h.failures + 1, h.uptime_s + (end - h.open_since), None)
+    beat = json_number(read_json(paths.status) or {}, "updated_at")
+    end = min(beat, time.time()) if beat is not None and beat >= h.open_since else h.open_since
+    h = History(h.failures + 1, h.uptime_s + max(0.0, end - h.open_since), None)
     store(paths, h)
     return h
 

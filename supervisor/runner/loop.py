@@ -336,9 +336,10 @@ class Runner(Stopping, CostWatch):
                          log=str(log_path), argv=list(plan.argv), standby=child.from_standby)
 
     def _auto_interval_env(self) -> dict[str, str]:
-        """interval_steps = "auto": what the ranks choose it from (train_core/interval.py)."""
+        """What "auto" (the job's, or the script's when the job leaves the interval to it) chooses
+        the interval from (train_core/interval.py)."""
         c = self.job.checkpoint
-        if c.interval_steps != "auto":
+        if c.interval_steps not in ("auto", 0):  # a fixed interval in the job wins over the script
             return {}
         return {runfiles.ENV_AUTO_INTERVAL: json.dumps({
             "expected_mtbf_s": c.expected_mtbf_s, "min_steps": c.min_interval_steps, "max_s": c.max_interval_s,
