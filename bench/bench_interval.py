@@ -10,9 +10,11 @@ process tree is SIGKILLed at times drawn from a seeded exponential schedule (mea
 warning: a crash, a power loss), the same schedule for every interval, and relaunched until the
 training is done (bench/goodput.py's driver, which also checks the final weights bit for bit
 against the uninterrupted run). goodput = the uninterrupted run's wall / this wall; "lost a
-kill": the wall beyond the uninterrupted run's, per kill. The supervisor counts each kill as a
-failure (failures.json, found open at the next start), so "auto" sees M fall as kills come;
-its choices (checkpoint_interval events) are listed per run.
+kill": the wall beyond the uninterrupted run's, per kill; "step": the run's mean step without a
+save in it, and "at equal speed" the goodput with the step speed's drift from run to run taken
+out (as in bench/goodput.py). The supervisor counts each kill as a failure (failures.json,
+found open at the next start), so "auto" sees M fall as kills come; its choices
+(checkpoint_interval events) are listed per run.
 
 The schedules: every run must see at least --min-kills kills, and the kills come on the wall
 clock, so a run must last past the schedule's fifth kill. Seeds 1, 3 and 6 are the first three
@@ -68,8 +70,8 @@ def main() -> int:
 
     ideal = run("uninterrupted", 100, [])
     print(f"uninterrupted: {ideal.wall_s:.1f} s, step {ideal.step_s * 1e3:.0f} ms", flush=True)
-    rows = ["| schedule | interval | kills | wall | goodput | lost a kill | recomputed a kill | bitwise | auto's choices |",
-            "|" + "---|" * 9]
+    rows = ["| schedule | interval | kills | wall | goodput | step | at equal speed | lost a kill | recomputed a kill "
+            "| bitwise | auto's choices |", "|" + "---|" * 11]
     chosen = [i if i == "auto" else int(i) for i in args.intervals]
     summary: dict[str, list[float]] = {str(i): [] for i in chosen}
     for seed in args.seeds:
@@ -83,7 +85,13 @@ def main() -> int:
             rec = goodput.mean(i.recomputed_steps for i in r.interruptions)
             picked = choices(work, name) if interval == "auto" else []
             few = "" if n >= args.min_kills else " (too few)"
+            # this VM's step speed drifts 10-20 % from run to run: the goodput this run would have had
+            # at the uninterrupted run's step speed (steps with a save in them are not measured, so a
+            # save after every step leaves no step to measure)
+            eq = (f"{ideal.wall_s / (r.wall_s - r.trained_steps * (r.step_s - ideal.step_s)):.3f}"
+                  if r.step_s else "—")
             rows.append(f"| {seed} | {interval} | {n}{few} | {r.wall_s:.1f} s | {g:.3f} | "
+                        f"{f'{r.step_s * 1e3:.0f} ms' if r.step_s else '—'} | {eq} | "
                         f"{(r.wall_s - ideal.wall_s) / max(n, 1):.1f} s | {rec:.1f} steps | "
                         f"{'yes' if r.digest == ideal.digest else 'NO'} | "
                         f"{' → '.join(map(str, picked)) if picked else '—'} |")

@@ -27,10 +27,11 @@ def test_daly_is_young_for_a_cheap_save_and_the_mtbf_for_an_expensive_one():
     assert interval.optimal_interval_s(1.0, 0.0) == 0.0
 
 
-def test_the_prior_is_one_pseudo_failure_and_failures_pull_m_down():
-    assert interval.mtbf_s(3600, 0, 0) == 3600
-    assert interval.mtbf_s(3600, 1800, 0) == 5400  # surviving makes the prior count less
-    assert interval.mtbf_s(3600, 1800, 2) == 1800
+def test_the_prior_is_a_tenth_of_a_failure_and_the_runs_own_failures_outweigh_it():
+    assert interval.mtbf_s(3600, 0, 0) == pytest.approx(3600)
+    assert interval.mtbf_s(3600, 1800, 0) == pytest.approx(21600)  # surviving makes the prior count less
+    assert interval.mtbf_s(3600, 60, 1) == pytest.approx(420 / 1.1)  # one kill in a minute: M near 6 min
+    assert interval.mtbf_s(3600, 300, 5) == pytest.approx(660 / 5.1)  # five in five: near 2 min
 
 
 def test_choice_in_steps_keeps_floor_and_ceiling():
@@ -56,7 +57,7 @@ def test_ranks_choose_from_the_measured_cost_and_save_first_to_measure_it(tmp_pa
     assert run(tmp_path / "calm", *args)[0] == 0
     calm = costing.load(tmp_path / "calm" / "costs.json")
     assert steps(tmp_path / "calm")[0] == 1  # the first save comes at once: it measures C
-    assert calm.cost_s >= 0.05 and calm.mtbf_s > 120  # (60 + 60 + this attempt) / 1
+    assert calm.cost_s >= 0.05 and calm.mtbf_s > 600  # (0.1 * 60 + 60 + this attempt) / 0.1
     t = interval.optimal_interval_s(calm.cost_s, calm.mtbf_s)
     assert calm.optimum_s == pytest.approx(t, rel=0.1) and calm.interval_steps == pytest.approx(t / calm.step_s, rel=0.2)
     _auto(monkeypatch, failures=20)

@@ -10,12 +10,18 @@ loses, on average, half an interval of work): Young (1974) T = sqrt(2 C M), refi
 C is what one periodic save costs the training: the time the loop waited for it plus the
 extra time steps took while its background writer shared the machine (train_core.costs). M
 counts only unannounced ends (crash, OOM, hang, kill: a saved stop loses nothing) over the time
-the run was exposed to them, with a prior of one pseudo-failure every `expected_mtbf_s`:
+the run was exposed to them, with the prior `expected_mtbf_s` worth PRIOR_WEIGHT (a tenth) of
+an observed failure:
 
-    M = (expected_mtbf_s + uptime_s) / (1 + failures)
+    M = (w * expected_mtbf_s + uptime_s) / (w + failures),   w = PRIOR_WEIGHT
 
-so a run with no failure trusts the prior less and less as it survives, and the first real
-failures pull M (and T) down. uptime_s and failures are kept across attempts in
+that is the inverse of the posterior mean failure rate under a Gamma prior of shape w and mean
+1 / expected_mtbf_s (the rate, not M, is what the expected loss C/T + T/2M is linear in). The
+prior sets M until the run has a record; from its first failure on, the run's own record
+outweighs it. With a weight of one failure, a prior of 1 h held M above 400 s through eight
+kills in 330 s (bench/bench_interval.py: kills every 60 s on average), three times too long an
+interval; a tenth lets the record win at once and costs a calm run next to nothing (a model of
+the bench: docs/platform.md, "The auto interval's prior"). uptime_s and failures are kept across attempts in
 RUN_DIR/failures.json by the supervisor; the rank adds the time of its own attempt. T in
 seconds becomes steps by the mean step time, bounded by a floor (`min_interval_steps`) and a
 ceiling (`max_interval_s` of work at risk).
@@ -27,6 +33,7 @@ import math
 from dataclasses import dataclass
 
 RECHOOSE_CHANGE = 0.2  # a new interval replaces the current one when it differs by more than this share
+PRIOR_WEIGHT = 0.1  # expected_mtbf_s counts as this many observed failures
 
 
 def optimal_interval_s(c_s: float, m_s: float) -> float:
@@ -40,8 +47,8 @@ def optimal_interval_s(c_s: float, m_s: float) -> float:
 
 
 def mtbf_s(prior_s: float, uptime_s: float, failures: int) -> float:
-    """M from a prior worth one pseudo-failure and the failures seen over `uptime_s`."""
-    return (prior_s + max(0.0, uptime_s)) / (1 + max(0, failures))
+    """M from the prior (worth PRIOR_WEIGHT failures) and the failures seen over `uptime_s`."""
+    return (PRIOR_WEIGHT * prior_s + max(0.0, uptime_s)) / (PRIOR_WEIGHT + max(0, failures))
 
 
 @dataclass(frozen=True)
