@@ -14,6 +14,12 @@ interleaved
        step, in a rotating order for --rounds rounds, each block after an os.sync(): this VM's
        speed drifts 10-20 % from run to run, and blocks side by side cancel that out. Seconds
        per step, medians; every checkpoint is counted (then deleted, outside the timed blocks).
+writer Thread or helper process: the same model in one process, trained in blocks (as
+       interleaved) with no save, or a save after every step whose state is staged at the step
+       boundary and then written, hashed, fsynced and committed (the same work both ways) by a
+       writer thread at nice 19 in the training process, or by a helper process at nice 19
+       (spawned once; the staging buffers live in shared memory it maps, so a save hands it a
+       small structure, not the bytes). Seconds per step, medians.
 wall   The demo itself (examples/gpt/train.py --mixed-precision no --eval-every 0, run
        plainly, each run in a fresh run dir) trained --steps steps with no checkpoint, with
        one after EVERY step written synchronously, and with one after every step written in
@@ -163,6 +169,150 @@ def interleaved(rounds: int, block: int, root: Path) -> dict[str, float]:
     return {m: statistics.median(v) for m, v in per_step.items()} | {"saved": saved}
 
 
+def _commit_staged(store: CheckpointStore, tmp: Path, step: int, staged) -> None:
+    """The writer's work, the same in a thread and in the helper process."""
+    from train_core import staging
+    from train_core.saving import custom_file
+
+    staging.write(staged, tmp, is_main=True, custom_name=custom_file)
+    store.commit(tmp, step, epoch=0, batch_in_epoch=step, reason="interval")
+
+
+def _helper(jobs, results, root: str) -> None:
+    """The helper process: maps the staging buffers once, then writes each staged save it is sent."""
+    import threading
+
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    store, tensors = CheckpointStore(Path(root)), []
+    while (msg := jobs.get()) is not None:
+        kind, payload = msg
+        if kind == "buffers":
+            tensors.extend(payload)
+            continue
+        tmp, step, staged = payload
+        _commit_staged(store, Path(tmp), step, _swap(staged, lambda ix: tensors[ix.i]))
+        results.put(step)
+
+
+def _swap(o, f):
+    """`o` with every tensor (or _Ix) replaced by f(it): what crosses to the helper is _Ix, indices of
+    the buffers it was sent once."""
+    import dataclasses
+
+    import torch
+
+    from train_core import staging
+
+    if isinstance(o, (torch.Tensor, _Ix)):
+        return f(o)
+    if isinstance(o, staging.Staged):
+        return dataclasses.replace(o, weights=_swap(o.weights, f), custom=_swap(o.custom, f), dataloaders=[],
+                                   optimizers=[staging._Frozen(_swap(x.state_dict(), f)) for x in o.optimizers],
+                                   schedulers=[staging._Frozen(_swap(x.state_dict(), f)) for x in o.schedulers],
+                                   scaler=None if o.scaler is None else staging._Frozen(_swap(o.scaler.state_dict(), f)))
+    if isinstance(o, dict):
+        return type(o)((k, _swap(v, f)) for k, v in o.items())
+    if type(o) in (list, tuple):
+        return type(o)(_swap(v, f) for v in o)
+    return o
+
+
+class _Ix:
+    """A staging buffer, by its index among those sent to the helper."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+
+def executors(rounds: int, block: int, root: Path) -> dict[str, float]:
+    """Seconds per step with no save, and with a save after every step written by a thread or by
+    the helper process (see the module's doc): medians of blocks in a rotating order."""
+    import threading
+
+    import torch.multiprocessing as tmp_mp
+
+    from train_core import staging
+
+    session, train, dl = setup(root / "executors", grad_accum=2)
+    acc = session.accelerator
+    store = CheckpointStore(root / "executors" / "writer")
+    store.root.mkdir(parents=True, exist_ok=True)
+    shared = staging.Buffers()
+    real_get = shared.get
+
+    def get_shared(key, t):
+        buf = real_get(key, t)
+        return buf if buf.is_shared() else buf.share_memory_()
+
+    shared.get = get_shared
+    index: dict[int, int] = {}
+    ctx = tmp_mp.get_context("spawn")
+    jobs, results = ctx.SimpleQueue(), ctx.SimpleQueue()
+    helper = ctx.Process(target=_helper, args=(jobs, results, str(store.root)), daemon=True)
+    helper.start()
+    own = staging.Buffers()
+    writer: list[threading.Thread] = []
+
+    def thread_write(tmp: Path, step: int, staged) -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        _commit_staged(store, tmp, step, staged)
+
+    def to_helper(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in index:
+            index[key] = len(index)
+            jobs.put(("buffers", [t]))
+        return _Ix(index[key])
+
+    modes = ("none", "thread", "process")
+    per_step: dict[str, list[float]] = {m: [] for m in modes}
+    pending = {"thread": 0, "process": 0}
+    step = 0
+    with session:
+        it = iter(session.batches(dl))
+        batch = next(it)
+        session.pacer.steps = 0
+        for _ in range(4):
+            train(batch)
+            session.step_done()
+            batch = next(it)
+        for r in range(rounds):
+            for mode in modes[r % 3:] + modes[:r % 3]:
+                os.sync()
+                t0 = time.perf_counter()
+                for _ in range(block * 2):
+                    train(batch)
+                    session.step_done()
+                    batch = next(it)
+                    if mode == "none" or not acc.sync_gradients:
+                        continue
+                    step += 1
+                    if mode == "thread":
+                        if writer:
+                            writer.pop().join()
+                        staged = staging.stage(acc, list(session._objects), own)
+                        writer.append(threading.Thread(target=thread_write, args=(store.begin(step), step, staged)))
+                        writer[-1].start()
+                    else:
+                        if pending["process"]:
+                            results.get()
+                        staged = staging.stage(acc, list(session._objects), shared)
+                        jobs.put(("save", (str(store.begin(step)), step, _swap(staged, to_helper))))
+                    pending[mode] = step
+                if writer:
+                    writer.pop().join()
+                if mode == "process" and pending["process"]:
+                    results.get()
+                    pending["process"] = 0
+                per_step[mode].append((time.perf_counter() - t0) / block)
+                for c in store.scan():
+                    shutil.rmtree(c.path)
+        session.close()
+    jobs.put(None)
+    helper.join(30)
+    return {m: statistics.median(v) for m, v in per_step.items()}
+
+
 def demo(steps: int, save_every: int, background: bool, root: Path) -> tuple[float, int]:
     """The demo's trained-steps seconds, and the checkpoints it left on disk."""
     run_dir = Path(tempfile.mkdtemp(prefix="demo-", dir=root))
@@ -185,7 +335,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="wall runs of each kind")
     p.add_argument("--saves", type=int, default=7, help="saves of each kind in the stall part")
     p.add_argument("--dir", help="where to write (default: a temp dir; put it on the disk you train on)")
-    p.add_argument("--only", choices=("stall", "interleaved", "wall"), help="run one part")
+    p.add_argument("--only", choices=("stall", "interleaved", "writer", "wall"), help="run one part")
     p.add_argument("--rounds", type=int, default=8, help="interleaved: rounds of the three kinds of block")
     p.add_argument("--block", type=int, default=10, help="interleaved: steps per block")
     args = p.parse_args()
@@ -200,6 +350,12 @@ def main() -> None:
                   f"seconds per step: none {i['none']:.3f}, a background save after every step {i['background']:.3f} "
                   f"({i['background'] / i['none']:.3f} x none), a synchronous one {i['sync']:.3f} "
                   f"({i['sync'] / i['none']:.3f} x none); {i['saved']} checkpoints committed", flush=True)
+        if args.only in (None, "writer"):
+            e = executors(args.rounds, args.block, root)
+            print(f"writer thread or helper process, {args.rounds} rounds of {args.block}-step blocks, medians of "
+                  f"the seconds per step: none {e['none']:.3f}, a save after every step written by a thread "
+                  f"{e['thread']:.3f} ({e['thread'] / e['none']:.3f} x none), by a helper process "
+                  f"{e['process']:.3f} ({e['process'] / e['none']:.3f} x none)", flush=True)
         if args.only in (None, "wall"):
             report_wall(args.steps, args.repeats, root)
     finally:
