@@ -105,12 +105,17 @@ def stall(saves: int, root: Path) -> dict[str, float]:
             session.step_done()
         rss_before = psutil.Process().memory_info().rss
         for i in range(saves):
-            os.sync()  # each measurement starts without the previous one's dirty pages
+            # each save follows a training step, as a periodic save does (the state was just
+            # written by the optimizer; the caches hold the step's working set, not the state),
+            # started without the previous save's dirty pages
+            os.sync()
+            train(next(it))
             session.global_step = 1000 + 2 * i
             t0 = time.perf_counter()
             session._save(["interval"])
             sync_s.append(time.perf_counter() - t0)
             os.sync()
+            train(next(it))
             session.global_step += 1
             t0 = time.perf_counter()
             session._save(["interval"], background=True)
