@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,38 @@ def run_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     e["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, str(TRAIN), "--run-dir", str(tmp_path / "run"), *args], env=e,
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_tensorboard_curves_continue_after_a_crash_past_the_last_checkpoint(tmp_path, corpus, cache):
+    """Attempt 1 logged steps 1..30; the newest checkpoint that survives is step 20 (step 30's is
+    removed: as if the process had died after logging steps 21..30 and before saving them).
+    Attempt 2 recomputes 21..30: every curve has each step once, the recomputed points are
+    attempt 2's, and the resume is noted at step 20."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = [*short_args(corpus, cache), "--max-steps", "30", "--save-every", "10", "--eval-every", "10",
+            "--log-every", "1", "--sample-tokens", "0", "--tensorboard", "on"]
+    first = run_train(tmp_path, *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    store = CheckpointStore(tmp_path / "run" / "checkpoints")
+    shutil.rmtree(store.latest_valid().path)
+    assert store.latest_valid().step == 20
+    resumed_at = time.time()
+    second = run_train(tmp_path, *args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed at step 20" in second.stdout
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "val/loss", "val/ppl"} <= set(acc.Tags()["scalars"])
+    for tag, expected in (("train/loss", list(range(1, 31))), ("val/loss", [0, 10, 20, 30])):
+        points = acc.Scalars(tag)
+        assert [p.step for p in points] == expected, tag
+        assert all(p.wall_time >= resumed_at for p in points if p.step > 20), tag  # attempt 2's points
+        assert all(p.wall_time < resumed_at for p in points if p.step <= 20), tag
+    assert [e.step for e in acc.Tensors("resume/text_summary")] == [20]
 
 
 def assert_usage_error(tmp_path: Path, proc: subprocess.CompletedProcess, *fragments: str) -> str:

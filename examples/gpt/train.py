@@ -14,6 +14,8 @@ relative to the working directory (under `trainsup run`: the job file's folder).
 
 Files written in the run dir (besides trainsup's checkpoints/, status.json, ...):
   metrics.jsonl   one line per evaluation: step, val_loss, val_ppl (and the EMA's)
+  tensorboard/    loss, lr, tokens/s, val loss and perplexity, a note at every resume
+                  (tensorboard --logdir RUN_DIR); a resumed run continues the same curves
   sample.txt      text generated from the EMA weights when training is over
 Bad input (corpus, block size, vocab size, hyperparameters) stops before training with a
 one-line error naming the fix, exit code 2.
@@ -22,6 +24,7 @@ one-line error naming the fix, exit code 2.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import logging
@@ -90,7 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--eval-batches", type=int, default=8, help="val micro-batches per evaluation (the same ones every time)")
     a("--save-every", type=int, default=100, help="checkpoint every N steps (0: off; the job's [checkpoint] "
       "interval_steps wins); a stop request always saves")
-    a("--log-every", type=int, default=10, help="a progress line every N steps when stdout is not a terminal")
+    a("--log-every", type=int, default=10, help="a progress line every N steps when stdout is not a terminal; "
+      "TensorBoard gets loss, lr and tokens/s as often")
+    a("--tensorboard", choices=("auto", "on", "off"), default="auto",
+      help="curves under RUN_DIR/tensorboard through accelerate's tracker (auto: when the package is installed)")
     a("--num-workers", type=int, default=0, help="DataLoader workers (memory-mapped tokens: 0 is usually enough)")
     a("--seed", type=int, default=1337)
     a("--run-dir", default=None, help="default: $TRAINSUP_RUN_DIR (set by trainsup run), else ./runs/train")
@@ -158,6 +164,29 @@ def evaluate(model: torch.nn.Module, dataset: TokenBlockDataset, n_blocks: int, 
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 80.0))  # capped: exp overflows past ~709, and such a model is noise anyway
+
+
+def start_tensorboard(mode: str, accelerator: Accelerator, run_dir: Path, first_step: int) -> None:
+    """TensorBoard curves under RUN_DIR/tensorboard through accelerate's tracker (accelerator.log
+    then writes to it on the main process). A run that resumes at step S continues the same
+    curves: its writer purges what earlier attempts logged past S (steps a crash made it
+    recompute), so no step shows twice; from step 0, everything is logged again."""
+    if mode == "off":
+        return
+    try:
+        from accelerate.tracking import TensorBoardTracker
+        from torch.utils import tensorboard  # noqa: F401  (what the tracker imports)
+    except ImportError:
+        if mode == "on":
+            raise SystemExit(fail("--tensorboard on: the tensorboard package is missing; pip install tensorboard "
+                                  "(or pip install -e '.[tensorboard]')"))
+        return
+    tracker = TensorBoardTracker("tensorboard", run_dir, purge_step=first_step + 1 if first_step else 0,
+                                 flush_secs=10)  # a SIGKILL loses at most 10 s of curves
+    accelerator.log_with = [tracker]
+    accelerator.init_trackers("tensorboard")
+    if accelerator.is_main_process:
+        atexit.register(tracker.finish)  # the last points are written on any exit, a stop's (75) too
 
 
 def fail(message: str) -> int:
@@ -265,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             with ema.average_parameters(raw_model):
                 ema_loss = evaluate(raw_model, val_set, n_eval_blocks, session.micro_batch, accelerator)
             metrics.update(ema_val_loss=ema_loss, ema_val_ppl=perplexity(ema_loss))
+        accelerator.log({f"val/{k.replace('val_', '')}": v for k, v in metrics.items()}, step=step)
         if main_rank:
             ema_text = f" | ema {metrics['ema_val_loss']:.4f}" if "ema_val_loss" in metrics else ""
             say(f"step {step}: val loss {val_loss:.4f}, perplexity {metrics['val_ppl']:.1f}{ema_text}")
@@ -278,10 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(total=args.max_steps, initial=first_step, unit="step", dynamic_ncols=True,
                    disable=not (main_rank and sys.stderr.isatty()))
         say = bar.write if not bar.disable else (lambda s: print(s, flush=True))
+        start_tensorboard(args.tensorboard, accelerator, session.paths.run_dir, first_step)
         if first_step == 0:
             record_eval(0, say)  # the baseline every later evaluation is compared with
         else:
-            say(f"resumed at step {first_step} (epoch {session.epoch}, batch {session.batch_in_epoch})")
+            note = f"resumed at step {first_step} (epoch {session.epoch}, batch {session.batch_in_epoch})"
+            say(note)
+            accelerator.log({"resume": f"attempt {session.attempt}: {note}"}, step=first_step)
         loss_sum = torch.zeros((), device=accelerator.device)
         t_mark, step_mark = time.perf_counter(), first_step
         t_first = None
@@ -307,14 +340,16 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
             if step % args.log_every == 0 or step == args.max_steps:
                 train_loss = loss_sum.item() / session.grad_accum  # .item() waits for the device: only here
+                dt = time.perf_counter() - t_mark
+                rate = (step - step_mark) * tokens_per_step / dt if dt > 0 and step > step_mark else float("nan")
+                t_mark, step_mark = time.perf_counter(), step
+                accelerator.log({"train/loss": train_loss, "train/lr": schedule.get_last_lr()[0],
+                                 **({"train/tokens_per_s": rate} if math.isfinite(rate) else {})}, step=step)
                 if not bar.disable:
                     bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
                 elif main_rank:
-                    dt = time.perf_counter() - t_mark
-                    rate = (step - step_mark) * tokens_per_step / dt if dt > 0 and step > step_mark else float("nan")
                     print(f"step {step}/{args.max_steps} | loss {train_loss:.4f} | lr "
                           f"{schedule.get_last_lr()[0]:.2e} | {rate / 1e3:.1f}k tokens/s", flush=True)
-                    t_mark, step_mark = time.perf_counter(), step
             loss_sum.zero_()
             if session.should_evaluate():
                 session.report_metrics(record_eval(step, say))  # a better val_loss adds a "best" checkpoint
