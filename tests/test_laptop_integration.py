@@ -166,6 +166,9 @@ def test_on_battery_pause_then_low_battery_stops_and_waits_for_charge(tmp_path, 
     assert [e["event"] for e in events(run.run_dir) if e["event"] in ("on_battery", "low_battery",
                                                                       "power_restored")] == \
         ["on_battery", "low_battery", "power_restored"]
+    # no D-Bus here (NO_BUS): the console says so once, not once per layer
+    said = [line for line in run.log.read_text().splitlines() if "D-Bus" in line]
+    assert len(said) == 1, said
 
 
 def test_on_battery_stop_saves_exits_75_and_restarts_on_replug_usb_c(tmp_path, runs):

@@ -308,8 +308,7 @@ class LogindWatcher:
             # Without the bus no PrepareFor*(false) will come: do not block restarts forever.
             self._pending = None
             self._deadline = None
-        if first:
-            log.warning("logind: %s; the run continues without sleep/shutdown protection", reason)
+        if first:  # one line on the console: the runner prints the note (and logs the event)
             self._queue(Decision(Action.NOTE, "logind_unavailable",
                                  f"{reason}: sleep/shutdown will not wait for a checkpoint"))
             self._kick()
