@@ -173,7 +173,10 @@ def _on_cpu(job: "JobConfig", probe: Probe) -> tuple[bool, _Gpus | None]:
 
 def by_hardware(job: "JobConfig", probe: Probe = Probe()) -> Choice:
     """What "auto" chooses on this machine for a new run of `job` (module docstring)."""
-    on_cpu, gpus = _on_cpu(job, probe)
+    return _by_hardware(probe, *_on_cpu(job, probe))
+
+
+def _by_hardware(probe: Probe, on_cpu: bool, gpus: _Gpus | None) -> Choice:
     if on_cpu:
         native, why = cpu_native_bf16(probe.cpuinfo)
         where = f"{gpus.why}; " if gpus is not None else ""
@@ -233,15 +236,22 @@ def resolve(job: "JobConfig", resume: Checkpoint | None, probe: Probe = Probe())
 
 
 def _resolve_auto(job: "JobConfig", resume: Checkpoint | None, probe: Probe) -> Resolution:
-    hardware = by_hardware(job, probe)
+    on_cpu, gpus = _on_cpu(job, probe)
+    hardware = _by_hardware(probe, on_cpu, gpus)
     if resume is not None:
         kept, where = recorded_precision(resume)
         if kept is not None:
             new_run = ("the hardware agrees" if kept == hardware.value
                        else f"a new run here would choose {hardware.value}")
-            return Resolution(kept, f"mixed precision auto -> {kept} (kept: {resume.path.name}, the checkpoint "
-                                    f"this run resumes from, was trained in it, says {where}; {new_run}: "
-                                    f"{hardware.why})", source="checkpoint")
+            warning = None
+            if kept == "bf16" and on_cpu and cpu_native_bf16(probe.cpuinfo)[0] is False:
+                warning = (f"this run keeps bf16 from {resume.path.name}, but this CPU has no native bf16: bf16 "
+                           f"autocast is emulated, {EMULATED_BF16_COST}; to train in fp32, start a new run dir "
+                           f'(--run-dir), or set mixed_precision = "no" where the script accepts the change '
+                           f"(the demo: --allow-change mixed_precision)")
+            return Resolution(kept, f"mixed precision auto -> {kept} (kept from {resume.path.name}, the checkpoint "
+                                    f"this run resumes from: {where} says {kept}; {new_run}: {hardware.why})",
+                              warning=warning, source="checkpoint")
         return Resolution(hardware.value, f"mixed precision auto -> {hardware.value} ({hardware.why}; "
                                           f"{resume.path.name} does not say which it was trained in: {where})",
                           source="hardware")

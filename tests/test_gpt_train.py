@@ -120,7 +120,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, corpus
     # "auto" chose by hardware at the first start, the stop checkpoint records it, the resume keeps it
     chose = m["mixed_precision"]
     assert f"mixed precision auto -> {chose} (" in (tmp_path / "sup1.log").read_text()
-    assert f"mixed precision auto -> {chose} (kept: {stop.path.name}" in out
+    assert f"mixed precision auto -> {chose} (kept from {stop.path.name}" in out
     assert f"resumed at step {stop.step} (epoch {m['epoch']}, batch {m['batch_in_epoch']})" in out
     starts = [e for e in events(run_dir) if e["event"] == "state" and e["to"] == "starting"]
     assert [s.get("resume_from") for s in starts] == [None, str(stop.path)]

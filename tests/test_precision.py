@@ -140,10 +140,15 @@ def test_auto_keeps_the_precision_of_the_newest_valid_checkpoint(tmp_path):
     assert resume.step == 20 and resume.mixed_precision == "bf16"
     r = P.resolve(j, resume, probe)
     assert (r.value, r.source) == ("bf16", "checkpoint")
-    assert r.line.startswith("mixed precision auto -> bf16 (kept: step-00000020, the checkpoint this run resumes "
-                             "from, was trained in it, says its manifest; a new run here would choose no: this CPU "
-                             "has no native bf16")
-    assert r.warning is None
+    assert r.line == ("mixed precision auto -> bf16 (kept from step-00000020, the checkpoint this run resumes from: "
+                      "its manifest says bf16; a new run here would choose no: this CPU has no native bf16: "
+                      "avx512_bf16/amx_bf16 absent)")
+    # kept, but emulated here: the cost and the way out
+    assert r.warning.startswith("this run keeps bf16 from step-00000020, but this CPU has no native bf16: bf16 "
+                                "autocast is emulated, about 20x slower than fp32")
+    assert "start a new run dir" in r.warning
+    native = P.resolve(j, resume, P.Probe(cpuinfo=cpuinfo(tmp_path, SAPPHIRE_RAPIDS, name="spr")))
+    assert native.value == "bf16" and "the hardware agrees" in native.line and native.warning is None
     # a new run dir chooses by hardware
     assert P.resolve(j, None, probe).value == "no"
 
@@ -199,7 +204,9 @@ def test_the_runner_launches_what_auto_chose_and_says_so(tmp_path, caplog):
     assert code == 0
     assert [e["ACCELERATE_MIXED_PRECISION"] for e in procs.spawned] == ["bf16"]  # direct start: accelerate's env
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mixed precision auto")]
-    assert len(said) == 1 and said[0].startswith("mixed precision auto -> bf16 (kept: step-00000010")
+    assert len(said) == 1 and said[0].startswith("mixed precision auto -> bf16 (kept from step-00000010")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "bf16" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("this run keeps bf16 from step-00000010")
     events = [e for e in read_events(runfiles.RunPaths(j.run_dir).events) if e["event"] == "mixed_precision"]
     assert [(e["chosen"], e["source"], e["checkpoint"]) for e in events] == [("bf16", "checkpoint", "step-00000010")]
 
