@@ -42,8 +42,16 @@ RATE = re.compile(r"= (\d+) tokens/s")
 
 
 def job_settings() -> tuple[list[str], dict[str, str], str]:
+    """(args, env, precision) of the job; its "auto" as `trainsup run` resolves it for a new run here."""
     job = tomllib.loads(JOB.read_text())
-    return list(job["train"]["args"]), dict(job["train"].get("env", {})), job["launch"].get("mixed_precision", "no")
+    precision = job["launch"].get("mixed_precision", "no")
+    if precision == "auto":
+        sys.path.insert(0, str(REPO))
+        from supervisor.config import load_job
+        from supervisor.precision import by_hardware
+
+        precision = by_hardware(load_job(JOB)).value
+    return list(job["train"]["args"]), dict(job["train"].get("env", {})), precision
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, NoReturn
 from supervisor.watch import registry as extensions
 from supervisor import rundir
 from supervisor.errors import UserError
+from train_core.checkpoint import MIXED_PRECISIONS
 from train_core.retention import RetentionError, RetentionPolicy
 from train_core.runfiles import ENV_SAVE_SIGNAL
 from train_core.signals import DEFAULT_SAVE_SIGNAL, parse_signal
@@ -43,7 +44,9 @@ class JobConfigError(UserError):
 
 SECTION_PARSERS: dict[str, Callable[[Mapping[str, Any]], Any]] = dict(extensions.SECTIONS)
 
-MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
+# "auto": bf16 where the hardware has it natively, fp16 on older CUDA GPUs, else "no"; a run dir
+# with checkpoints keeps theirs (supervisor/precision.py, resolved when `trainsup run` starts)
+MIXED_PRECISION = (*MIXED_PRECISIONS, "auto")
 LAUNCHERS = ("accelerate", "python")
 
 # The signals TRAINSUP_SAVE_SIGNAL may name: ones nothing but a person or the supervisor sends.
@@ -71,7 +74,7 @@ class LaunchConfig:
     # "python": run the script directly as a single process (debugging, fast tests).
     launcher: str = "accelerate"
     num_processes: int | None = None  # None: 1, or what config_file says
-    mixed_precision: str | None = None  # None: "no", or what config_file says
+    mixed_precision: str | None = None  # None: "no", or what config_file says; "auto": supervisor/precision.py
     cpu: bool = False
     num_machines: int = 1
     machine_rank: int = 0
@@ -459,7 +462,8 @@ def _read_launch(s: Section) -> LaunchConfig:
     launch = LaunchConfig(
         launcher=s.str("launcher", "accelerate", choices=LAUNCHERS),
         num_processes=s.int("num_processes", None, low=1, hint=" (ranks on this machine)"),
-        mixed_precision=s.str("mixed_precision", None, choices=MIXED_PRECISION),
+        mixed_precision=s.str("mixed_precision", None, choices=MIXED_PRECISION,
+                              hint=' ("auto": bf16 only where the hardware has it natively)'),
         cpu=s.bool("cpu", False),
         num_machines=s.int("num_machines", 1, low=1),
         machine_rank=s.int("machine_rank", 0, low=0),

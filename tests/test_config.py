@@ -72,7 +72,7 @@ def test_retention_section(tmp_path):
         ("[restart]\nbackoff_initial_s = 10\nbackoff_max_s = 5\n", "job.toml: [restart] backoff_max_s must be >= backoff_initial_s (10.0), got 5.0"),
         ("[stop]\ngrace_s = 0\n", "job.toml: [stop] grace_s must be > 0.0 (time for ranks to save), got 0"),
         ("[watch]\nhang_timeout_s = true\n", "job.toml: [watch] hang_timeout_s must be a number, got a boolean True"),
-        ("[launch]\nmixed_precision = \"bf61\"\n", "job.toml: [launch] mixed_precision must be one of \"no\", \"fp16\", \"bf16\", \"fp8\", got 'bf61' (did you mean 'bf16'?)"),
+        ("[launch]\nmixed_precision = \"bf61\"\n", "job.toml: [launch] mixed_precision must be one of \"no\", \"fp16\", \"bf16\", \"fp8\", \"auto\" (\"auto\": bf16 only where the hardware has it natively), got 'bf61' (did you mean 'bf16'?)"),
         ("[launch]\nnum_processes = 0\n", "job.toml: [launch] num_processes must be >= 1 (ranks on this machine), got 0"),
         ("[launch]\nconfig_file = \"nope.yaml\"\n", "[launch] config_file: file not found:"),
         ("[launch]\nlauncher = \"python\"\nnum_processes = 2\n", "job.toml: [launch] launcher = \"python\" runs one process"),

@@ -1,7 +1,7 @@
 """The default GPT job's training script: real processes end to end, and bad input.
 
 End to end (slow): the shipped examples/gpt/job.toml, shortened with --set (tiny model, a
-~180 KB corpus of a few stdlib files, 120 steps over ~2 epochs, bf16 as in the job), through
+~180 KB corpus of a few stdlib files, 120 steps over ~2 epochs, the job's mixed_precision "auto"), through
 `trainsup run` with accelerate launch and 1 CPU process. One run is stopped by SIGTERM to the
 supervisor mid-epoch and run again; its final checkpoint must equal an uninterrupted run's bit
 for bit, and its val loss must have fallen below the step-0 value.
@@ -118,6 +118,10 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, corpus
         kill_run(run_dir)
     out = (tmp_path / "sup2.log").read_text()
     m = stop.manifest
+    # "auto" chose by hardware at the first start, the stop checkpoint records it, the resume keeps it
+    chose = m["mixed_precision"]
+    assert f"mixed precision auto -> {chose} (" in (tmp_path / "sup1.log").read_text()
+    assert f"mixed precision auto -> {chose} (kept from {stop.path.name}" in out
     assert f"resumed at step {stop.step} (epoch {m['epoch']}, batch {m['batch_in_epoch']})" in out
     starts = [e for e in events(run_dir) if e["event"] == "state" and e["to"] == "starting"]
     assert [s.get("resume_from") for s in starts] == [None, str(stop.path)]
@@ -256,6 +260,8 @@ def test_job_files_validate():
                            timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
         assert f"script:     {TRAIN}" in r.stdout
+        if job == JOB:  # the demo's "auto": what it picks on this machine, before a run
+            assert "mixed precision auto -> " in r.stdout
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():

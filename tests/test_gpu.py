@@ -297,7 +297,8 @@ class FakeNvmlError(Exception):
         self.value = value
 
 
-def fake_pynvml(calls, *, temp_v=True, power=True, temp_v_missing_in_driver=False, lost=False, mismatch=False):
+def fake_pynvml(calls, *, temp_v=True, power=True, temp_v_missing_in_driver=False, lost=False, mismatch=False,
+                cc=lambda h: (8, 6) if h == "h1" else (7, 5)):
     """A stand-in for the pynvml module: records every call so it can be checked against the real signatures."""
     def rec(name, result):
         def fn(*args):
@@ -338,6 +339,7 @@ def fake_pynvml(calls, *, temp_v=True, power=True, temp_v_missing_in_driver=Fals
         nvmlDeviceGetEnforcedPowerLimit=rec("nvmlDeviceGetEnforcedPowerLimit", 80000 if power else raise_(3)),
         nvmlDeviceGetCurrentClocksEventReasons=rec("nvmlDeviceGetCurrentClocksEventReasons", 0x40 | 0x4),
         nvmlDeviceGetComputeRunningProcesses=rec("nvmlDeviceGetComputeRunningProcesses", procs),
+        nvmlDeviceGetCudaComputeCapability=rec("nvmlDeviceGetCudaComputeCapability", cc),
     )
     if temp_v:
         mod.nvmlDeviceGetTemperatureV = rec("nvmlDeviceGetTemperatureV", temp_v_impl)
@@ -368,6 +370,24 @@ def test_nvml_backend_decodes_a_device():
     b.close()
     assert calls[-1] == ("nvmlShutdown", ())
     assert_calls_fit_real_pynvml(calls)
+
+
+def test_nvml_backend_reads_the_compute_capability():
+    """What [launch] mixed_precision = "auto" reads on CUDA (supervisor/precision.py)."""
+    calls: list = []
+    b = NvmlBackend(fake_pynvml(calls))
+    b.open()
+    assert (b.compute_capability(0), b.compute_capability(1)) == ((7, 5), (8, 6))
+    assert ("nvmlDeviceGetCudaComputeCapability", ("h1",)) in calls
+    assert_calls_fit_real_pynvml(calls)
+
+    def unsupported(h):
+        raise FakeNvmlError(3)
+
+    for cc, expected in ((unsupported, None), (lambda h: (8, "6"), None), (lambda h: None, None), (lambda h: (9, 0), (9, 0))):
+        other = NvmlBackend(fake_pynvml([], cc=cc))
+        other.open()
+        assert other.compute_capability(0) == expected
 
 
 @pytest.mark.parametrize("variant", [{"temp_v": False}, {"temp_v_missing_in_driver": True}])

@@ -164,6 +164,8 @@ def test_fresh_run_files_and_manifest(tmp_path, reference):
     assert final.step == 24 and final.reason == "final"
     m = final.manifest
     assert m["config"]["lr"] == 0.02 and m["config_fingerprint"].startswith("sha256:")
+    # what the model trained in (accelerator.mixed_precision), on every save, background ones too
+    assert [c.manifest["mixed_precision"] for c in ckpts] == ["no"] * len(ckpts)
     assert m["world_size"] == 1 and m["micro_batch"] == 4 and m["grad_accum"] == 3 and m["registered"] == ["ema"]
     assert {f["path"] for f in m["files"]} >= {"model.safetensors", "optimizer.bin", "scheduler.bin",
                                                 "random_states_0.pkl", "custom_checkpoint_0.pkl",
@@ -171,6 +173,18 @@ def test_fresh_run_files_and_manifest(tmp_path, reference):
     # eval every 4 steps: the improved ones are "best" saves carrying their val_loss
     best = [c for c in ckpts if c.reason == "best"]
     assert best and all("val_loss" in c.metrics for c in best) and all(c.step % 4 == 0 for c in best)
+
+
+def test_the_manifest_records_the_mixed_precision(tmp_path, monkeypatch):
+    """bf16 as `accelerate launch --mixed_precision bf16` sets it: every checkpoint says so, and
+    [launch] mixed_precision = "auto" reads it back on resume (supervisor/precision.py)."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    code, report = run(tmp_path, "--steps", "8")
+    assert code == 0, report
+    ckpts = CheckpointStore(tmp_path / "checkpoints").scan(full=True)
+    assert ckpts and all(c.valid for c in ckpts)
+    assert [c.manifest["mixed_precision"] for c in ckpts] == ["bf16"] * len(ckpts)
+    assert [c.mixed_precision for c in ckpts] == ["bf16"] * len(ckpts)
 
 
 def test_signal_stops_save_and_resume_bitwise(tmp_path, reference, monkeypatch):

@@ -23,6 +23,8 @@ FORMAT_VERSION = 2  # the newest manifest format this trainsup reads and writes
 FORMAT_HASH = {1: "sha256", 2: "blake3"}
 HASH_FORMAT = {name: fmt for fmt, name in FORMAT_HASH.items()}
 MANIFEST = "manifest.json"
+# accelerate's mixed precision values: what a manifest's `mixed_precision` may say
+MIXED_PRECISIONS = ("no", "fp16", "bf16", "fp8")
 STEP_DIGITS = 8
 STEP_RE = re.compile(r"^step-(\d+)$")
 TMP_RE = re.compile(r"^\.tmp-(?:del-)?step-(\d+)-(\d+)$")
@@ -100,6 +102,14 @@ class Checkpoint:
     def reason(self) -> str | None:
         value = self._get("reason")
         return value if isinstance(value, str) else None
+
+    @property
+    def mixed_precision(self) -> str | None:
+        """What the checkpoint was trained in (`accelerator.mixed_precision` at the save); None
+        when the manifest does not say (written before trainsup recorded it) or says something
+        that is not one of MIXED_PRECISIONS (the manifest is untrusted input)."""
+        value = self._get("mixed_precision")
+        return value if isinstance(value, str) and value in MIXED_PRECISIONS else None
 
     @property
     def metrics(self) -> dict[str, float | None]:

@@ -322,11 +322,19 @@ class Saver:
                 reason=main_reason(reasons),
                 metrics=metrics,
                 config_fingerprint=position.config_fingerprint,
-                extra=position.manifest_extra(reasons=reasons, attempt=self.attempt),
+                extra=position.manifest_extra(reasons=reasons, attempt=self.attempt, **self._precision()),
             )
         except Exception as e:  # noqa: BLE001
             return ("fail", one_line(e))
         return ("ok", str(ckpt.path))
+
+    def _precision(self) -> dict[str, str]:
+        """The manifest's `mixed_precision`: what the model trains in ("no", "fp16", "bf16", "fp8";
+        `[launch] mixed_precision = "auto"` keeps it on resume); left out when the accelerator
+        does not say (a stand-in without the attribute)."""
+        value = getattr(self.accelerator, "mixed_precision", None)
+        value = getattr(value, "value", value)  # a PrecisionType enum member: its string
+        return {"mixed_precision": value} if isinstance(value, str) else {}
 
     def _abort(self, tmp: Path) -> None:
         try:

@@ -85,9 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--beta2", type=float, default=0.95)
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     a("--ema-decay", type=float, default=0.999, help="EMA of the weights (warmed up: early steps average less)")
-    # precision: normally set by `accelerate launch --mixed_precision` (the job's [launch] mixed_precision)
+    # precision: normally set by the launcher (the job's [launch] mixed_precision; the demo job's "auto"
+    # picks bf16 only where the hardware has it natively, else fp16 on an older CUDA GPU, else fp32)
     a("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
-      help="override the launcher's choice: bf16 on CPU, fp16 (with a GradScaler) on CUDA")
+      help="override the launcher's choice: no (fp32), bf16 (slow where the CPU lacks native bf16), "
+      "fp16 (CUDA, with a GradScaler)")
     # evaluation, checkpoints, logging
     a("--eval-every", type=int, default=50, help="evaluate every N steps (0: only at the start); best val_loss is kept")
     a("--eval-batches", type=int, default=8, help="val micro-batches per evaluation (the same ones every time)")

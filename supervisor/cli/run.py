@@ -89,13 +89,16 @@ def validate_cmd(job_file: Path, overrides: tuple[str, ...]) -> None:
 
 
 def describe_job(job: JobConfig) -> str:
+    from supervisor.precision import describe as describe_precision
+
     lc = job.launch
     n = lc.num_processes if lc.num_processes is not None else ("from config_file" if lc.config_file else 1)
     where = "cpu" if lc.cpu else "accelerator"
     r, st, w = job.restart, job.stop, job.watch
     lines = [
         f"  script:     {job.train.script} {' '.join(job.train.args)}".rstrip(),
-        f"  launch:     {lc.launcher}, {n} process(es) on {where}, mixed precision {lc.mixed_precision or 'no'}",
+        f"  launch:     {lc.launcher}, {n} process(es) on {where}, mixed precision "
+        f"{describe_precision(job)}",
         f"  run dir:    {job.run_dir}",
         f"  restart:    up to {r.max_restarts}, backoff {r.backoff_initial_s:g}-{r.backoff_max_s:g} s, "
         f"give up after {r.no_progress_limit or 'unlimited'} attempt(s) without progress",

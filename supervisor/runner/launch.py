@@ -54,6 +54,8 @@ def build_launch(job: JobConfig, *, attempt: int, resume_from: Path | None, supe
     `attempt_env` is what the supervisor decided for this attempt (the OOM back-off's
     TRAINSUP_MICRO_BATCH/GRAD_ACCUM): it wins over [train] env, which would otherwise undo it.
     """
+    if job.launch.mixed_precision == "auto":  # accelerate knows no "auto": the Runner resolves it at start
+        raise ValueError('[launch] mixed_precision = "auto" must be resolved first (supervisor.precision.resolve)')
     env = attempt_environment(job, attempt=attempt, resume_from=resume_from, supervisor_pid=supervisor_pid,
                               base_env=base_env, attempt_env=attempt_env)
     script = [str(job.train.script), *job.train.args]

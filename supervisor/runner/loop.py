@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from supervisor import rundir
+from supervisor import precision, rundir
 from supervisor.config import JobConfig, save_signal_of
 from supervisor.events import EventLog
 from supervisor.runner import history, launch, oom, report
@@ -73,8 +73,10 @@ class Runner(Stopping, CostWatch):
         rand: Callable[[], float] = random.random,
         subreaper: bool = False,
         install_signals: bool = True,
+        probe: precision.Probe | None = None,
     ) -> None:
         self.job = job
+        self.probe = probe or precision.Probe()  # where [launch] mixed_precision "auto" reads the hardware
         self.save_signal = save_signal_of(job)  # exit 2 now for a bad TRAINSUP_SAVE_SIGNAL
         self.paths = runfiles.RunPaths(job.run_dir)
         self.ckpts = RunCheckpoints(CheckpointStore(self.paths.checkpoints, trust_pickle=safeload.trust_pickle_from_env(
@@ -134,6 +136,7 @@ class Runner(Stopping, CostWatch):
                 self._event("supervisor_start", pid=os.getpid(), job=str(self.job.job_file or ""),
                             run_dir=str(self.job.run_dir))
                 self.ckpts.refresh(force=True)
+                self._resolve_precision()
                 self._next_attempt(now)
                 while not self.state.terminal:
                     self._tick(self.clock())
@@ -173,6 +176,22 @@ class Runner(Stopping, CostWatch):
         if self.install_signals:
             self.inbox.install()
             self.watchers.set_wakeup(self.wake)
+
+    def _resolve_precision(self) -> None:
+        """[launch] mixed_precision "auto" -> what this run trains in, once per supervisor: the
+        precision of the checkpoint it resumes from, else the hardware's (supervisor/precision.py).
+        Said at start, with the one warning an explicit bf16 on a CPU without native bf16 gets."""
+        resume, _ = self.ckpts.choose_resume()
+        r = precision.resolve(self.job, resume, self.probe)
+        if r.value is not None:
+            self.job = replace(self.job, launch=replace(self.job.launch, mixed_precision=r.value))
+            self._event("mixed_precision", requested=precision.AUTO, chosen=r.value, source=r.source,
+                        checkpoint=resume.path.name if resume is not None and r.source == "checkpoint" else None,
+                        reason=r.line)
+        if r.line:
+            log.info("%s", r.line)
+        if r.warning:
+            log.warning("%s", r.warning)
 
     def _teardown(self) -> None:
         if (self.state is None or not self.state.terminal) and self.attempt is not None and self.procs.descendants():

@@ -38,10 +38,12 @@ class FakeScript:
     points: Mapping[int, tuple[_Point, ...]]  # gpu index -> points sorted by t_s
     device_count: int
     uuids: tuple[str, ...]
+    compute_capability: tuple[tuple[int, int] | None, ...] = ()  # per GPU; () = unknown for all
 
     @classmethod
     def from_obj(cls, obj: Any, source: str = "fake GPU script") -> "FakeScript":
-        """A list of points, or {"points": [...], "device_count": N, "uuids": [...]}.
+        """A list of points, or {"points": [...], "device_count": N, "uuids": [...],
+        "compute_capability": "8.6" (every GPU) or ["8.6", "7.5"] (one per GPU)}.
 
         A point: {t_s, gpu (default 0), temp_c, vram_used_bytes, vram_total_bytes,
         power_w, power_limit_w, throttle: [names], processes: [{pid, used_bytes}],
@@ -55,7 +57,7 @@ class FakeScript:
             by_gpu.setdefault(gpu, []).append((t_s, n, p))
         count, uuids = _devices(table, max(by_gpu), source)
         points = {gpu: _step_function(gpu, uuids[gpu], items) for gpu, items in by_gpu.items()}
-        return cls(points, count, uuids)
+        return cls(points, count, uuids, _capabilities(table, count, source))
 
     def at(self, index: int, t_s: float) -> GpuReading:
         """The reading of GPU `index` at `t_s` seconds after the start (pure)."""
@@ -80,9 +82,10 @@ def _script_table(obj: Any, source: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise JobConfigError(f"{source}: must be a list of points or a table with `points` "
                           "(TOML: [[points]] t_s = 0 temp_c = 60)")
-    unknown = set(obj) - {"points", "device_count", "uuids"}
+    unknown = set(obj) - {"points", "device_count", "uuids", "compute_capability"}
     if unknown:
-        raise JobConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; use points, device_count, uuids")
+        raise JobConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; "
+                             "use points, device_count, uuids, compute_capability")
     points = obj.get("points")
     if not isinstance(points, list) or not points:
         raise JobConfigError(f"{source}: needs a non-empty list `points` of {{t_s, temp_c, vram_used_bytes, ...}}")
@@ -131,6 +134,24 @@ def _devices(table: Mapping[str, Any], top_gpu: int, source: str) -> tuple[int, 
     if not isinstance(uuids, list) or len(uuids) != count or not all(isinstance(u, str) for u in uuids):
         raise JobConfigError(f"{source}: uuids must be a list of {count} strings, got {uuids!r}")
     return count, tuple(uuids)
+
+
+def _capabilities(table: Mapping[str, Any], count: int, source: str) -> tuple[tuple[int, int] | None, ...]:
+    """`compute_capability`: "M.m" for every GPU, or a list of one per GPU; () when absent."""
+    raw = table.get("compute_capability")
+    if raw is None:
+        return ()
+    items = [raw] * count if isinstance(raw, str) else raw
+    fix = f'"8.6" (every GPU) or a list of {count} such strings'
+    if not isinstance(items, list) or len(items) != count:
+        raise JobConfigError(f"{source}: compute_capability must be {fix}, got {raw!r}")
+    out = []
+    for item in items:
+        major, dot, minor = item.partition(".") if isinstance(item, str) else ("", "", "")
+        if not (dot and major.isdigit() and minor.isdigit()):
+            raise JobConfigError(f"{source}: compute_capability must be {fix}, got {item!r}")
+        out.append((int(major), int(minor)))
+    return tuple(out)
 
 
 def _step_function(gpu: int, uuid: str, items: list[tuple[float, int, dict[str, Any]]]) -> tuple[_Point, ...]:
@@ -190,3 +211,7 @@ class FakeGpuBackend:
     def read(self, index: int) -> GpuReading:
         self.reads += 1
         return self.script.at(index, self.clock() - self.start_s)
+
+    def compute_capability(self, index: int) -> tuple[int, int] | None:
+        caps = self.script.compute_capability
+        return caps[index] if caps else None

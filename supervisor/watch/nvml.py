@@ -33,6 +33,10 @@ class GpuBackend(Protocol):
     def read(self, index: int) -> GpuReading:
         """One reading of NVML device `index`; raise GpuUnavailable on a failure."""
 
+    def compute_capability(self, index: int) -> tuple[int, int] | None:
+        """CUDA compute capability (major, minor) of device `index` (None: unknown); raise
+        GpuUnavailable on a failure. Read by supervisor/precision.py ("auto")."""
+
     def close(self) -> None: ...
 
 
@@ -62,7 +66,8 @@ class NvmlBackend:
     (bytes), nvmlDeviceGetTemperatureV(handle, sensor) -> int C,
     nvmlDeviceGetPowerUsage(handle) -> mW, nvmlDeviceGetEnforcedPowerLimit(handle) -> mW,
     nvmlDeviceGetCurrentClocksEventReasons(handle) -> bit mask,
-    nvmlDeviceGetComputeRunningProcesses(handle) -> [.pid, .usedGpuMemory (bytes|None)].
+    nvmlDeviceGetComputeRunningProcesses(handle) -> [.pid, .usedGpuMemory (bytes|None)],
+    nvmlDeviceGetCudaComputeCapability(handle) -> (major, minor).
     `nvml` is the module (injectable so the decoding is testable without a GPU).
     """
 
@@ -124,6 +129,11 @@ class NvmlBackend:
             uuid=self.device_uuid(index),
             name=_text(self._optional("nvmlDeviceGetName", index, nv.nvmlDeviceGetName, h)),
         )
+
+    def compute_capability(self, index: int) -> tuple[int, int] | None:
+        cc = self._optional("nvmlDeviceGetCudaComputeCapability", index,
+                            self._nvml.nvmlDeviceGetCudaComputeCapability, self._handle(index))
+        return _capability(cc)
 
     # -- helpers: one place decides what an NVML error means
 
@@ -203,6 +213,16 @@ class NvmlBackend:
             GpuProcess(pid=int(p.pid), used_bytes=None if p.usedGpuMemory is None else int(p.usedGpuMemory))
             for p in procs
         )
+
+
+def _capability(cc: Any) -> tuple[int, int] | None:
+    """(major, minor) as two small non-negative ints, or None for anything else."""
+    try:
+        major, minor = cc
+    except (TypeError, ValueError):
+        return None
+    ok = all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 100 for x in (major, minor))
+    return (major, minor) if ok else None
 
 
 def _text(v: Any) -> str | None:
