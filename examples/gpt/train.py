@@ -13,7 +13,8 @@ Every default is in parse_args() below (one block, grouped, commented). Relative
 relative to the working directory (under `trainsup run`: the job file's folder).
 
 Files written in the run dir (besides trainsup's checkpoints/, status.json, ...):
-  metrics.jsonl   one line per evaluation: step, val_loss, val_ppl (and the EMA's)
+  metrics.jsonl   written by the TrainSession: a line per step (loss, lr, tokens/s) and one per
+                  evaluation (step, val_loss, val_ppl and the EMA's)
   sample.txt      text generated from the EMA weights when training is over
 Bad input (corpus, block size, vocab size, hyperparameters) stops before training with a
 one-line error naming the fix, exit code 2.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -249,7 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     # val_loss is measured on (the best checkpoint compares values across attempts)
     n_eval_blocks = min(len(val_set), args.eval_batches * args.micro_batch)
     tokens_per_step = session.micro_batch * session.grad_accum * args.block_size * ranks
-    metrics_path = session.paths.run_dir / "metrics.jsonl"
     if main_rank:
         print(f"model: {raw_model.num_params() / 1e6:.2f} M parameters | data: {data.n_train_tokens:,} train / "
               f"{data.n_val_tokens:,} val tokens, vocab {data.vocab_size} ({'cached' if data.cache_hit else 'prepared'} "
@@ -258,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
               f"precision {accelerator.mixed_precision} on {accelerator.device}", flush=True)
 
     def record_eval(step: int, say) -> dict[str, float]:
-        """Evaluate the model and its EMA; print, append to metrics.jsonl, return the metrics."""
+        """Evaluate the model and its EMA; print and return the metrics (the session records them)."""
         val_loss = evaluate(raw_model, val_set, n_eval_blocks, session.micro_batch, accelerator)
         metrics = {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
         if step > 0:  # at step 0 the EMA equals the model
@@ -268,8 +267,6 @@ def main(argv: list[str] | None = None) -> int:
         if main_rank:
             ema_text = f" | ema {metrics['ema_val_loss']:.4f}" if "ema_val_loss" in metrics else ""
             say(f"step {step}: val loss {val_loss:.4f}, perplexity {metrics['val_ppl']:.1f}{ema_text}")
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics, "attempt": session.attempt, "time": time.time()}) + "\n")
         return metrics
 
     with session:  # resumes here (model, optimizer, EMA, schedule, RNGs, position in the epoch)
@@ -279,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                    disable=not (main_rank and sys.stderr.isatty()))
         say = bar.write if not bar.disable else (lambda s: print(s, flush=True))
         if first_step == 0:
-            record_eval(0, say)  # the baseline every later evaluation is compared with
+            session.log_metrics(record_eval(0, say))  # the baseline every later evaluation is compared with
         else:
             say(f"resumed at step {first_step} (epoch {session.epoch}, batch {session.batch_in_epoch})")
         loss_sum = torch.zeros((), device=accelerator.device)
