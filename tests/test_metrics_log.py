@@ -1,5 +1,6 @@
 """RUN_DIR/metrics.jsonl: the writer (train_core/metricslog.py), what a real TrainSession writes
-(the toy script, in this process), the rate meter behind status.json's tokens/s."""
+(the toy script, in this process), the rate meter behind status.json's tokens/s, and the
+accounting of a session stopped and resumed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import stat
 import pytest
 import torch
 
+from supervisor.accounting import account
 from toy_inprocess import isolated, run  # noqa: F401 - isolated: an autouse fixture
 from train_core import reporting
 from train_core.metricslog import MetricsLog, read_metrics
@@ -106,3 +108,17 @@ def test_a_session_writes_metrics_jsonl(tmp_path):
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
 
+
+def test_a_stopped_and_resumed_session_loses_no_step(tmp_path):
+    """A save-and-stop (exit 75) then a resume: every step is in the final model's history once."""
+    code, report = run(tmp_path, "--steps", "12", "--signal-at", "9")  # grad_accum 3: the end of step 3
+    assert code == 75, report
+    code, report = run(tmp_path, "--steps", "12")
+    assert code == 0, report
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps == list(range(1, 13))
+    acc = account(tmp_path, live=False)
+    assert (acc.final_step, acc.steps_in_history, acc.steps_recomputed) == (12, 12, 0)
+    assert acc.lost_s["recomputed"] == 0 and acc.lost_s["saving"] > 0 and acc.productive_s > 0
+    assert 0 < acc.goodput <= 1
+    assert [s["cause"] for s in acc.stops] == ["other"]  # no supervisor saw why
