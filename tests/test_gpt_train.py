@@ -25,6 +25,7 @@ import pytest
 
 from supervisor_helpers import CLI, REPO, env, events, finish, kill_run, read_json, run_processes, wait_for
 from train_core.manifest import hash_name
+from train_core.metricslog import read_metrics
 from train_core.store import CheckpointStore
 
 TRAIN = REPO / "examples" / "gpt" / "train.py"
@@ -79,8 +80,9 @@ def file_hashes(ckpt) -> dict[str, str]:
 
 
 def val_losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {rec["step"]: rec["val_loss"] for rec in map(json.loads, lines)}
+    """The evaluations' lines of metrics.jsonl (the session writes a line per step too)."""
+    return {rec["step"]: rec["val_loss"] for rec in read_metrics(run_dir / "metrics.jsonl")
+            if rec["kind"] == "metrics" and "val_loss" in rec}
 
 
 @pytest.fixture(scope="module")

@@ -56,24 +56,86 @@ def exit_report_for(exc: BaseException) -> tuple[ExitKind, int, dict[str, Any]]:
 
 
 class RateMeter:
-    """Tokens and samples per second over all ranks, from this rank's counters (which reset
-    at each save), re-measured at most every 0.5 s."""
+    """Tokens and samples per second over all ranks, from this rank's running totals, measured
+    between optimizer steps: the main loop calls `stepped` at each one (a clock read), the
+    heartbeat reads `rates` (any thread). Between steps (a slow step, an evaluation, a pause)
+    the last measured rate stands: never a 0 because no step ended since the last beat."""
+
+    MIN_WINDOW_S = 0.5
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        self._mark = (time.monotonic(), 0, 0)
+        self._start: tuple[float, int, int] | None = None  # (monotonic, tokens, samples) at a step
+        self._last: tuple[float, int, int] | None = None
         self._rates: tuple[float | None, float | None] = (None, None)
 
-    def rates(self, tokens: int, samples: int) -> tuple[float | None, float | None]:
-        now = time.monotonic()
-        t0, tok0, smp0 = self._mark
-        if now - t0 >= 0.5:
-            dt = now - t0
-            # counters reset at each save; a negative delta just means "no rate this beat"
-            if tokens >= tok0 and samples >= smp0:
-                self._rates = ((tokens - tok0) * self.world_size / dt, (samples - smp0) * self.world_size / dt)
-            self._mark = (now, tokens, samples)
+    def stepped(self, tokens: int, samples: int) -> None:
+        """An optimizer step ended; `tokens`, `samples`: this rank's totals so far (never reset)."""
+        self._last = (time.monotonic(), tokens, samples)
+        if self._start is None:
+            self._start = self._last
+
+    def restart(self) -> None:
+        """After a pause or a save: the time since the last step is not throughput; the next
+        window starts now."""
+        if self._last is not None:
+            self._start = self._last = (time.monotonic(), self._last[1], self._last[2])
+
+    def rates(self) -> tuple[float | None, float | None]:
+        start, last = self._start, self._last
+        if start is None or last is None:
+            return self._rates
+        dt = last[0] - start[0]
+        if dt >= self.MIN_WINDOW_S and last[1] >= start[1] and last[2] >= start[2]:
+            self._rates = ((last[1] - start[1]) * self.world_size / dt, (last[2] - start[2]) * self.world_size / dt)
+            self._start = last
         return self._rates
+
+
+class LossMean:
+    """The mean of the losses given to step_done over one optimizer step (its micro-batches),
+    kept on the device: no sync here (metrics.jsonl converts a second's worth at once)."""
+
+    def __init__(self) -> None:
+        self._total: Any = None
+        self._n = 0
+
+    def add(self, loss: Any) -> None:
+        try:
+            if isinstance(loss, torch.Tensor):
+                v = loss.detach()
+                v = (v.float() if v.dim() == 0 else v.float().mean())
+            else:
+                v = float(loss)
+            self._total = v if self._total is None else self._total + v
+            self._n += 1
+        except Exception:  # noqa: BLE001 - a loss of an odd type is not recorded; training goes on
+            pass
+
+    def take(self) -> Any:
+        """The mean since the last take (a tensor or a float), or None; starts over."""
+        total, n = self._total, self._n
+        self._total, self._n = None, 0
+        if total is None or n == 0:
+            return None
+        return total / n if n > 1 else total
+
+
+def losses_to_floats(values: list[Any]) -> list[float | None]:
+    """Loss values (tensors, numbers) as finite floats or None: the tensors in one transfer."""
+    out: list[float | None] = [None] * len(values)
+    idx = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    if idx:
+        try:
+            got = torch.stack([values[i].detach().float().reshape(()) for i in idx]).tolist()
+        except Exception:  # noqa: BLE001 - e.g. tensors on different devices: one by one
+            got = [loss_value(values[i]) for i in idx]
+        for i, v in zip(idx, got):
+            out[i] = v
+    for i, v in enumerate(values):
+        if not isinstance(v, torch.Tensor):
+            out[i] = loss_value(v)
+    return [v if v is not None and math.isfinite(v) else None for v in out]
 
 
 def status(*, attempt: int, state: str, where: dict[str, Any], max_steps: int | None, loss: Any,

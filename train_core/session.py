@@ -22,6 +22,8 @@ $TRAINSUP_CHECKPOINT_DIR or RUN_DIR/checkpoints. resume="auto" continues from
 $TRAINSUP_RESUME_FROM when set (it wins over the script's choice), else the newest valid
 checkpoint, else starts fresh; "latest" requires one; a path picks one; None refuses a run dir
 that already has checkpoints. Every rank calls every method (saves and metrics are collective).
+The main process appends each step (loss, lr, tokens/s), each report_metrics, save and pause to
+RUN_DIR/metrics.jsonl (train_core/metricslog.py; write_metrics=False: not).
 
 What makes resume bitwise exact (docs/platform.md, "Exact mid-epoch resume"): set_seed before
 the model is built (the constructor does it), the seedable sampler, a dedicated DataLoader
@@ -60,11 +62,12 @@ from train_core.errors import BadCheckpointChoice, CheckpointSaveFailed, ResumeF
 from train_core.faults import is_oom
 from train_core.fingerprint import ConfigMismatch, canonical_config, fingerprint
 from train_core.heartbeat import RankWatcher
+from train_core.metricslog import METRICS_FILE, MetricsLog
 from train_core.pacing import Pacer
 from train_core.position import Position, samples_in_epoch
-from train_core.reporting import RateMeter, announce_rank, exit_report_for
+from train_core.reporting import LossMean, RateMeter, announce_rank, exit_report_for, losses_to_floats
 from train_core.retention import RetentionPolicy
-from train_core.runfiles import ENV_BACKGROUND_SAVES, ENV_STOP_BUDGET_S, ENV_STOP_WINDOW_S, RunPaths
+from train_core.runfiles import ENV_BACKGROUND_SAVES, ENV_GROUP_SHARED, ENV_STOP_BUDGET_S, ENV_STOP_WINDOW_S, RunPaths
 from train_core.saving import TRAINER_STATE, custom_file
 from train_core.settings import default_run_dir
 from train_core.signals import StopFlag
@@ -104,6 +107,7 @@ class TrainSession:
         retention: RetentionPolicy | None = None,
         save_final: bool = True,
         background_saves: bool | None = None,
+        write_metrics: bool = True,
     ) -> None:
         settings.check_args(accelerator, micro_batch=micro_batch, grad_accum=grad_accum, max_steps=max_steps,
                             max_epochs=max_epochs, save_every_steps=save_every_steps,
@@ -129,6 +133,11 @@ class TrainSession:
         accelerator.gradient_accumulation_steps = self.grad_accum
         self._init_run(run_dir)
         self._init_position()
+        # RUN_DIR/metrics.jsonl (train_core/metricslog.py): each optimizer step, report_metrics,
+        # save and pause, written by the main process
+        self._metrics_log = MetricsLog(
+            self.paths.run_dir / METRICS_FILE, attempt=self.attempt, to_floats=losses_to_floats,
+            group_shared=os.environ.get(ENV_GROUP_SHARED) == "1") if self.is_main and write_metrics else None
         self._saver = saving.Saver(self.store, self._collectives, accelerator, self._objects, is_main=self.is_main,
                                    attempt=self.attempt, rank=self.rank, world_size=self.world_size)
         # periodic saves ("interval", "best", "request") are written in the background unless the
@@ -182,6 +191,10 @@ class TrainSession:
         self._step_metrics: dict[str, float] = {}
         self._local_tokens = 0  # since the last checkpoint, this rank
         self._local_samples = 0
+        self._tokens_total = 0  # this rank, never reset: the rate meter's
+        self._samples_total = 0
+        self._optimizers: list[Any] = []  # prepared: metrics.jsonl's lr
+        self._loss_mean = LossMean()
         self._entered = False
         self._state = "starting"
         self._last_loss: Any = None
@@ -219,6 +232,8 @@ class TrainSession:
         for orig, new in zip(objects, seq):
             if isinstance(orig, torch.utils.data.DataLoader):
                 self._prepared_loaders.append(new)
+            elif isinstance(orig, torch.optim.Optimizer):
+                self._optimizers.append(new)
         return prepared
 
     def register(self, name: str, obj: Any) -> Any:
@@ -252,6 +267,8 @@ class TrainSession:
         self.pacer.choose()
         self._state = "training"
         self.watcher.write_status()
+        if self._metrics_log is not None:
+            self._metrics_log.start(self.global_step, resumed=self.resumed_from is not None)
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
@@ -301,6 +318,11 @@ class TrainSession:
             self.watcher.write_status()
         except Exception:  # noqa: BLE001
             pass
+        if self._metrics_log is not None:
+            try:
+                self._metrics_log.close()
+            except Exception as e:  # noqa: BLE001 - never masks how the session ended
+                log.warning("could not write %s: %s", self._metrics_log.path, e)
         self.watcher.stop()
         loaders.shutdown_workers(self._prepared_loaders)
 
@@ -347,15 +369,24 @@ class TrainSession:
         if self._state == "evaluating":
             self._state = "training"
         self.batch_in_epoch += 1
-        self._local_tokens += int(tokens or 0)
-        self._local_samples += int(samples if samples is not None else (self.micro_batch or 0))
+        n_tokens, n_samples = int(tokens or 0), int(samples if samples is not None else (self.micro_batch or 0))
+        self._local_tokens += n_tokens
+        self._local_samples += n_samples
+        self._tokens_total += n_tokens
+        self._samples_total += n_samples
         if loss is not None:
             self._last_loss = loss
+            if self._metrics_log is not None:
+                self._loss_mean.add(loss)
         if not self.accelerator.sync_gradients:
             self._at_boundary = False
             return  # mid gradient-accumulation: never save here
         self.global_step += 1
         self.pacer.stepped(writing=self._saver.in_flight is not None)
+        self._rates.stepped(self._tokens_total, self._samples_total)
+        if self._metrics_log is not None:
+            self._metrics_log.step(self.global_step, loss=self._loss_mean.take(), lr=self._lr(),
+                                   tokens_per_s=self._rates.rates()[0] if self._tokens_total else None)
         self._at_boundary = True
         self._epoch_complete = bool(self.accelerator.gradient_state.end_of_dataloader)
         self._step_metrics = {}
@@ -380,6 +411,8 @@ class TrainSession:
         if self._state == "evaluating":
             self._state = "training"
         values = self._collectives.broadcast({str(k): float(v) for k, v in metrics.items()})
+        if self._metrics_log is not None:
+            self._metrics_log.metrics(self.global_step, values)
         self.metrics.update(values)
         self._step_metrics.update(values)
         value = values.get(self.best_metric)
@@ -392,6 +425,13 @@ class TrainSession:
             self.best_value, self.best_step = value, self.global_step
             self._pending.append("best")
         return better
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Record `metrics` at the current step in metrics.jsonl, and nothing else: no best
+        tracking, no collective (only the main process writes; any rank may call it). For values
+        that are not report_metrics' evaluations, e.g. a baseline before the first step."""
+        if self._metrics_log is not None:
+            self._metrics_log.metrics(self.global_step, {str(k): v for k, v in metrics.items()})
 
     def request_stop(self, why: str = "requested by the script") -> None:
         """Save at the next optimizer-step boundary and exit 75 (as on SIGUSR1)."""
@@ -467,10 +507,14 @@ class TrainSession:
             self._state = "paused"
             self.watcher.write_status()
             log.info("paused at step %d (control.json)", self.global_step)
+            paused_at = time.monotonic()
             while pause and not stop:
                 time.sleep(PAUSE_POLL_S)
                 self.watcher.poll_control()
                 stop, pause, seq = self._agree()
+            if self._metrics_log is not None:
+                self._metrics_log.pause(self.global_step, paused_s=time.monotonic() - paused_at)
+            self._rates.restart()
             self._state = "training"
             self.pacer.paused()
             self.watcher.write_status()
@@ -549,6 +593,8 @@ class TrainSession:
         previous_state, self._state = self._state, "saving"
         if not background:  # a background save holds the loop a few ms: no heartbeat says "saving"
             self.watcher.write_status()
+        if self._metrics_log is not None:
+            self._metrics_log.flush()  # the steps before the save are on disk whatever the save does
         t_wait = time.monotonic()
         self._wait_for_save(keep_going="preempt" in reasons or "final" in reasons)
         t0 = time.monotonic()
@@ -568,6 +614,9 @@ class TrainSession:
             self._local_tokens = self._local_samples = 0
         now = time.monotonic()
         self.pacer.started(position.global_step, now - t_wait)
+        self._rates.restart()
+        if self._metrics_log is not None:
+            self._metrics_log.save(position.global_step, blocked_s=now - t_wait, reasons=reasons, background=background)
         if result is not None:
             ckpt, new = result
             if new:
@@ -630,4 +679,12 @@ class TrainSession:
     def _status(self) -> dict[str, Any]:
         return reporting.status(attempt=self.attempt, state=self._state, where=self._where(), max_steps=self.max_steps,
                                 loss=self._last_loss, last=self.last_checkpoint, metrics=self.metrics,
-                                rates=self._rates.rates(self._local_tokens, self._local_samples))
+                                rates=self._rates.rates())
+
+    def _lr(self) -> float | None:
+        """The first prepared optimizer's learning rate now (a plain number only: no sync)."""
+        try:
+            lr = self._optimizers[0].param_groups[0]["lr"] if self._optimizers else None
+        except (AttributeError, IndexError, KeyError, TypeError):
+            return None
+        return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None

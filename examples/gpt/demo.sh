@@ -55,8 +55,12 @@ say "val loss by step (runs/gpt-tiny/metrics.jsonl):"
 import json
 seen = {}
 for line in open("runs/gpt-tiny/metrics.jsonl"):
-    rec = json.loads(line)
-    seen[rec["step"]] = rec["val_loss"]  # a step evaluated twice (after a crash): the last one
+    try:
+        rec = json.loads(line)
+    except ValueError:  # a torn last line (a killed run)
+        continue
+    if isinstance(rec, dict) and isinstance(rec.get("val_loss"), (int, float)):  # the evaluations' lines
+        seen[rec["step"]] = rec["val_loss"]  # a step evaluated twice (after a crash): the last one
 print("  " + "  ".join(f"step {s}: {v:.3f}" for s, v in sorted(seen.items())))
 EOF
 

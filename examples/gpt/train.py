@@ -13,7 +13,8 @@ Every default is in parse_args() below (one block, grouped, commented). Relative
 relative to the working directory (under `trainsup run`: the job file's folder).
 
 Files written in the run dir (besides trainsup's checkpoints/, status.json, ...):
-  metrics.jsonl   one line per evaluation: step, val_loss, val_ppl (and the EMA's)
+  metrics.jsonl   written by the TrainSession: a line per step (loss, lr, tokens/s) and one per
+                  evaluation (step, val_loss, val_ppl and the EMA's)
   tensorboard/    loss, lr, tokens/s, val loss and perplexity, a note at every resume
                   (tensorboard --logdir RUN_DIR); a resumed run continues the same curves
   sample.txt      text generated from the EMA weights when training is over
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -280,7 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     # val_loss is measured on (the best checkpoint compares values across attempts)
     n_eval_blocks = min(len(val_set), args.eval_batches * args.micro_batch)
     tokens_per_step = session.micro_batch * session.grad_accum * args.block_size * ranks
-    metrics_path = session.paths.run_dir / "metrics.jsonl"
     if main_rank:
         print(f"model: {raw_model.num_params() / 1e6:.2f} M parameters | data: {data.n_train_tokens:,} train / "
               f"{data.n_val_tokens:,} val tokens, vocab {data.vocab_size} ({'cached' if data.cache_hit else 'prepared'} "
@@ -289,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
               f"precision {accelerator.mixed_precision} on {accelerator.device}", flush=True)
 
     def record_eval(step: int, say) -> dict[str, float]:
-        """Evaluate the model and its EMA; print, append to metrics.jsonl, return the metrics."""
+        """Evaluate the model and its EMA; print and return the metrics (the session records them)."""
         val_loss = evaluate(raw_model, val_set, n_eval_blocks, session.micro_batch, accelerator)
         metrics = {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
         if step > 0:  # at step 0 the EMA equals the model
@@ -300,8 +299,6 @@ def main(argv: list[str] | None = None) -> int:
         if main_rank:
             ema_text = f" | ema {metrics['ema_val_loss']:.4f}" if "ema_val_loss" in metrics else ""
             say(f"step {step}: val loss {val_loss:.4f}, perplexity {metrics['val_ppl']:.1f}{ema_text}")
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics, "attempt": session.attempt, "time": time.time()}) + "\n")
         return metrics
 
     with session:  # resumes here (model, optimizer, EMA, schedule, RNGs, position in the epoch)
@@ -312,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         say = bar.write if not bar.disable else (lambda s: print(s, flush=True))
         start_tensorboard(args.tensorboard, accelerator, session.paths.run_dir, first_step)
         if first_step == 0:
-            record_eval(0, say)  # the baseline every later evaluation is compared with
+            session.log_metrics(record_eval(0, say))  # the baseline every later evaluation is compared with
         else:
             note = f"resumed at step {first_step} (epoch {session.epoch}, batch {session.batch_in_epoch})"
             say(note)

@@ -1,10 +1,14 @@
 """`trainsup status`: a run dir (or job file) as a person wants to see it: the supervisor,
-the step, the checkpoints, the watchers."""
+the step, the checkpoints, the watchers, where the time went (supervisor/accounting.py); with
+--watch, a live view refreshed about once a second."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import re
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -55,21 +59,44 @@ def collect_status(run_dir: Path) -> dict[str, Any]:
         "launch_env": sup.get("launch_env"),
         "costs": costing.as_dict(costing.load(paths.costs)),
         "stop_budget": sup.get("stop_budget"),
+        "accounting": accounting_summary(run_dir, running),
     }
+
+
+def accounting_summary(run_dir: Path, live: bool) -> dict[str, Any]:
+    """supervisor/accounting.py's numbers; a run dir it cannot make sense of gets the reason."""
+    from supervisor.accounting import account
+
+    try:
+        return account(run_dir, live=live).summary()
+    except Exception as e:  # noqa: BLE001 - untrusted files must never take `status` down
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 @click.command("status")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status_cmd(target: Path, as_json: bool) -> None:
-    """Show a run: state, attempt, step, loss, tokens/s, last checkpoint, restarts, last event.
+@click.option("--watch", is_flag=True, help="Refresh about once a second until Ctrl-C (one line per change when "
+              "stdout is not a terminal).")
+@click.option("--count", type=click.IntRange(min=1), default=None, hidden=True)  # --watch: stop after N refreshes
+@click.option("--interval", type=click.FloatRange(min=0.0), default=1.0, hidden=True)  # --watch: seconds between
+def status_cmd(target: Path, as_json: bool, watch: bool, count: int | None, interval: float) -> None:
+    """Show a run: state, attempt, step, loss, tokens/s, last checkpoint, restarts, last event,
+    goodput and the time lost by cause.
 
     \b
     Example:
       trainsup status runs/gpt-tiny
       trainsup status job.toml --json
+      trainsup status runs/gpt-tiny --watch
     """
-    st = collect_status(resolve_run_dir(str(target), not_yet_run_ok=True))
+    if watch and as_json:
+        raise click.UsageError("--watch and --json do not go together: use one of them")
+    run_dir = resolve_run_dir(str(target), not_yet_run_ok=True)
+    if watch:
+        watch_status(run_dir, count=count, interval=interval)
+        return
+    st = collect_status(run_dir)
     if as_json:
         click.echo(json.dumps(st, indent=1, sort_keys=True))
         return
@@ -107,12 +134,46 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"last event:      {when} {ev.get('event')} {detail}".rstrip())
     else:
         lines.append("last event:      none")
+    lines += format_accounting(st.get("accounting") or {})
     for name, ws in (st.get("watchers") or {}).items():
         if name == "gpu" and isinstance(ws, dict):
             lines += format_gpu_status(ws)
         else:
             lines.append(f"{name + ':':<16} {watcher_summary(ws)}")
     return "\n".join(lines)
+
+
+def fmt_duration(s: Any) -> str:
+    """12.3 s, 4m05s, 2h07m."""
+    if not isinstance(s, (int, float)) or isinstance(s, bool):
+        return "-"
+    if s < 59.95:
+        return f"{s:.1f} s"
+    s = int(round(s))
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def format_accounting(acc: dict[str, Any]) -> list[str]:
+    """`goodput:` and `lost:` lines: productive against wall time, the time lost by cause,
+    asleep apart."""
+    if acc.get("error"):
+        return [f"{'goodput:':<16} unknown: {acc['error']}"]
+    if not acc.get("wall_s"):
+        return []
+    g = acc.get("goodput")
+    asleep = f"; asleep {fmt_duration(acc['asleep_s'])} apart" if acc.get("asleep_s") else ""
+    head = (f"{'goodput:':<16} {'-' if g is None else format(g, '.3f')} = {fmt_duration(acc.get('productive_s'))} "
+            f"productive of {fmt_duration(acc.get('wall_s'))} wall{asleep}")
+    if acc.get("steps_recomputed"):
+        head += f" ({acc['steps_recomputed']} step(s) run again)"
+    if acc.get("estimated"):
+        head += " (estimated from checkpoints: no metrics.jsonl)"
+    lost = sorted(((v, k) for k, v in (acc.get("lost_s") or {}).items() if isinstance(v, (int, float)) and v >= 0.05),
+                  reverse=True)
+    tail = ", ".join(f"{k} {fmt_duration(v)}" for v, k in lost) or "none"
+    return [head, f"{'lost:':<16} {tail}"]
 
 
 def format_saving(costs: dict[str, Any], budget: dict[str, Any]) -> str:
@@ -190,3 +251,165 @@ def format_gpu_status(ws: dict[str, Any]) -> list[str]:
         name = f" {g['name']}" if g.get("name") else ""
         lines.append(f"  GPU {g.get('index')}{name}: {vram}  {temp}  {power}  throttle: {throttle}")
     return lines
+
+
+# --------------------------------------------------------------------------- --watch
+
+
+def watch_snapshot(run_dir: Path, now: float | None = None) -> dict[str, Any]:
+    """What --watch shows, from the small files only (supervisor.json, status.json, one
+    manifest and the tail of metrics.jsonl): cheap enough for every second."""
+    from train_core.runfiles import RunPaths, read_json
+
+    paths = RunPaths(run_dir)
+    now = time.time() if now is None else now
+    sup = read_json(paths.supervisor) or {}
+    hb = read_json(paths.status) or {}
+    running = sup.get("state") not in (None, "exited", "fatal") and pid_alive(sup.get("pid"))
+    state = sup.get("state") if running or sup.get("state") in ("exited", "fatal") else (
+        "not running" if sup else "never run")
+    ck = hb.get("last_checkpoint") if isinstance(hb.get("last_checkpoint"), dict) else sup.get("last_checkpoint")
+    ck = ck if isinstance(ck, dict) else None
+    ck_age = None
+    if ck and isinstance(ck.get("path"), str) and re.fullmatch(r"step-\d+", Path(ck["path"]).name):
+        from supervisor.accounting import iso_ts
+
+        made = iso_ts((read_json(paths.checkpoints / Path(ck["path"]).name / "manifest.json") or {}).get("created_at"))
+        ck_age = max(0.0, now - made) if made is not None else None
+    step = hb.get("step") if isinstance(hb.get("step"), int) else sup.get("step")
+    return {
+        "state": state, "rank_state": hb.get("state") if running else None,
+        "attempt": sup.get("attempt"), "restarts": sup.get("restarts"),
+        "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+        "max_steps": hb.get("max_steps") if isinstance(hb.get("max_steps"), int) else sup.get("max_steps"),
+        "loss": hb.get("loss"), "tokens_per_s": hb.get("tokens_per_s"),
+        "last_checkpoint": ck, "checkpoint_age_s": ck_age,
+        "steps_per_s": recent_step_rate(paths.run_dir / "metrics.jsonl") if running else None,
+        "exit_code": sup.get("exit_code"),
+    }
+
+
+def recent_step_rate(path: Path, tail_bytes: int = 32768) -> float | None:
+    """Optimizer steps per second over the last step records of metrics.jsonl (its tail only)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - tail_bytes))
+            data = f.read(tail_bytes)
+    except OSError:
+        return None
+    recs = []
+    for raw in data.splitlines()[1:] if size > tail_bytes else data.splitlines():
+        try:
+            r = json.loads(raw)
+        except ValueError:
+            continue
+        if (isinstance(r, dict) and r.get("kind") == "step" and isinstance(r.get("step"), int)
+                and isinstance(r.get("ts"), (int, float))):
+            if recs and (r["step"] <= recs[-1]["step"] or r.get("attempt") != recs[-1].get("attempt")):
+                recs = []  # a new attempt: its own rate
+            recs.append(r)
+    if len(recs) < 2 or recs[-1]["ts"] <= recs[0]["ts"]:
+        return None
+    return (recs[-1]["step"] - recs[0]["step"]) / (recs[-1]["ts"] - recs[0]["ts"])
+
+
+def _eta(snap: dict[str, Any]) -> str:
+    step, total, rate = snap.get("step"), snap.get("max_steps"), snap.get("steps_per_s")
+    if not (isinstance(step, int) and isinstance(total, int) and total > 0):
+        return "-"
+    if step >= total:
+        return "done"
+    if not rate or rate <= 0:
+        return "-"
+    return fmt_duration((total - step) / rate)
+
+
+def _state_text(snap: dict[str, Any]) -> str:
+    state = str(snap.get("state"))
+    if snap.get("rank_state") and snap.get("state") == "running":
+        state += f"/{snap['rank_state']}"
+    if snap.get("exit_code") is not None and snap.get("state") in ("exited", "fatal"):
+        state += f" (exit {snap['exit_code']})"
+    return state
+
+
+def _ckpt_text(snap: dict[str, Any]) -> str:
+    ck = snap.get("last_checkpoint")
+    if not ck:
+        return "none"
+    age = f", {fmt_duration(snap['checkpoint_age_s'])} ago" if snap.get("checkpoint_age_s") is not None else ""
+    return f"step {ck.get('step', '?')} ({ck.get('reason') or '?'}{age})"
+
+
+def watch_line(snap: dict[str, Any]) -> str:
+    """One plain line (stdout not a terminal)."""
+    step, total = snap.get("step"), snap.get("max_steps")
+    step_txt = "-" if step is None else (f"{step}/{total}" if total else str(step))
+    return " | ".join([
+        f"{_state_text(snap)} attempt {snap.get('attempt') or '-'}",
+        f"step {step_txt}",
+        f"loss {_fmt_num(snap.get('loss'), '.4f')}",
+        f"tok/s {_fmt_num(snap.get('tokens_per_s'), ',.0f')}",
+        f"ETA {_eta(snap)}",
+        f"ckpt {(snap.get('last_checkpoint') or {}).get('step', '-')}",
+    ])
+
+
+def watch_frame(run_dir: Path, snap: dict[str, Any], width: int) -> list[str]:
+    """The lines redrawn in place on a terminal."""
+    step, total = snap.get("step"), snap.get("max_steps")
+    bar_w = max(10, min(40, width - 60))
+    if isinstance(step, int) and isinstance(total, int) and total > 0:
+        frac = min(1.0, max(0.0, step / total))
+        done = int(frac * bar_w)
+        bar = "[" + "=" * done + (">" if done < bar_w else "") + " " * (bar_w - done - 1) + "]"
+        progress = f"{bar} {step}/{total} {frac:4.0%}"
+    else:
+        progress = f"step {'-' if step is None else step}"
+    restarts = snap.get("restarts") or 0
+    lines = [
+        f"{run_dir}: {_state_text(snap)}, attempt {snap.get('attempt') or '-'} ({restarts} restart(s))",
+        f"{progress}  loss {_fmt_num(snap.get('loss'), '.4f')}  tok/s {_fmt_num(snap.get('tokens_per_s'), ',.0f')}"
+        f"  ETA {_eta(snap)}",
+        f"last checkpoint: {_ckpt_text(snap)}   (Ctrl-C: stop watching; the run goes on)",
+    ]
+    return [line[: max(1, width - 1)] for line in lines]
+
+
+def watch_status(run_dir: Path, *, count: int | None = None, interval: float = 1.0) -> None:
+    """`status --watch`: until Ctrl-C (or `count` refreshes). On a terminal the frame is redrawn
+    in place; otherwise a plain line is printed whenever it differs from the one before."""
+    out = sys.stdout
+    try:
+        tty = out.isatty()
+    except (OSError, ValueError):
+        tty = False
+    drawn, last, n = 0, None, 0
+    try:
+        while True:
+            snap = watch_snapshot(run_dir)
+            if tty:
+                width = shutil.get_terminal_size((100, 24)).columns
+                lines = watch_frame(run_dir, snap, width)
+                up = f"\x1b[{drawn}F" if drawn else ""
+                out.write(up + "".join(line + "\x1b[K\n" for line in lines) + "\x1b[J")
+                out.flush()
+                drawn = len(lines)
+            else:
+                line = watch_line(snap)
+                if line != last:
+                    out.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+                    out.flush()
+                    last = line
+            n += 1
+            if count is not None and n >= count:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return  # Ctrl-C: the way out, exit 0
+    except BrokenPipeError:  # `| head`: the reader is gone
+        from supervisor.cli.console import _silence
+
+        _silence(out)

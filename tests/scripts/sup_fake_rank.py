@@ -11,6 +11,7 @@ Faults (each applies only on the attempts listed by --fault-attempts, default: a
   --ignore-stop          keep training whatever the supervisor asks
   --slow-save-at STEP    the checkpoint of STEP sleeps --slow-save-s mid-write (to SIGKILL it there)
   --resume-fail-from STEP  exit "resume_failed" when asked to resume from STEP
+--metrics: rank 0 writes RUN_DIR/metrics.jsonl as a TrainSession does (steps and saves).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from train_core import runfiles  # noqa: E402
+from train_core.metricslog import METRICS_FILE, MetricsLog  # noqa: E402
 from train_core.store import CheckpointStore  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -42,6 +44,7 @@ p.add_argument("--slow-save-s", type=float, default=30.0)
 p.add_argument("--resume-fail-from", type=int, default=-1)
 p.add_argument("--fault-attempts", default="")
 p.add_argument("--heartbeat-s", type=float, default=0.3)
+p.add_argument("--metrics", action="store_true", help="rank 0 writes metrics.jsonl (train_core.metricslog)")
 p.add_argument("--busy-iters", type=int, default=0, help="CPU-bound work per step instead of sleeping (benchmarks)")
 args = p.parse_args()
 
@@ -53,6 +56,7 @@ world = int(os.environ.get("WORLD_SIZE", "1"))
 faulty = not args.fault_attempts or str(attempt) in args.fault_attempts.split(",")
 store = CheckpointStore(paths.checkpoints)
 
+metrics = MetricsLog(run_dir / METRICS_FILE, attempt=attempt) if args.metrics and rank == 0 else None
 flags = {"stop": False, "hung": False}
 state = {"step": 0, "state": "starting", "w": [0.0] * 8, "last_ckpt": None}
 
@@ -97,6 +101,8 @@ def supervisor_watch():
 
 
 def exit_report(kind, code, detail="", checkpoint=None):
+    if metrics is not None:
+        metrics.close()
     runfiles.write_json_atomic(paths.exit_file(rank), {
         "rank": rank, "attempt": attempt, "kind": kind, "code": code, "step": state["step"],
         "checkpoint": checkpoint, "detail": detail})
@@ -113,6 +119,7 @@ def save(reason):
     if (state["last_ckpt"] or {}).get("step") == step:
         return  # already saved at this step
     if rank == 0:
+        t0 = time.time()
         prev = state["state"]
         state["state"] = "saving"
         tmp = store.begin(step)
@@ -125,6 +132,8 @@ def save(reason):
                           metrics={"val_loss": 1.0 / (1 + step)}, extra={"world_size": world})
         state["last_ckpt"] = {"step": step, "path": str(ck.path), "reason": reason}
         state["state"] = prev
+        if metrics is not None:
+            metrics.save(step, blocked_s=time.time() - t0, reasons=[reason], background=False)
     # other ranks hold no state of their own here: rank 0's checkpoint is the run's
 
 
@@ -151,6 +160,8 @@ if rank == 0:
     threading.Thread(target=heartbeat_loop, daemon=True).start()
 
 seen_save_seq = runfiles.read_control(paths.control).save_seq  # never replay an old request
+if metrics is not None:
+    metrics.start(state["step"], resumed=bool(resume))
 t_train0 = time.perf_counter()
 try:
     state["state"] = "training"
@@ -172,6 +183,8 @@ try:
             time.sleep(args.step_time)
         state["w"] = step_fn(state["w"], step)
         state["step"] = step + 1
+        if metrics is not None:
+            metrics.step(step + 1, loss=1.0 / (2 + step))
         ctl = runfiles.read_control(paths.control)
         while ctl.pause and not flags["stop"] and not ctl.stop:  # hold at the step boundary
             state["state"] = "paused"
