@@ -79,8 +79,13 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, durable: bool = True
     `durable=False` skips the fsyncs: right for heartbeats written every few seconds,
     where losing the last one in a power cut costs nothing.
     """
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode(),
+                       durable=durable)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
+    """Replace `path` with `data` so that readers see the old or the new file (mode 0600)."""
     path = Path(path)
-    data = (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
