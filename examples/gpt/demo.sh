@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # From a fresh clone: install what is missing, train the tiny GPT under trainsup, list its
-# checkpoints, print a sample. A few minutes on 2 CPU cores; nothing to download but the
-# Python packages.
+# checkpoints, print a sample, draw the report. A few minutes on 2 CPU cores; nothing to
+# download but the Python packages.
 #
 #   bash examples/gpt/demo.sh
 #
@@ -22,9 +22,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   say "installing torch==2.13.0 ..."
   "$PY" -m pip install torch==2.13.0
 fi
-if ! "$PY" -c "import supervisor.cli, train_core, accelerate, tokenizers, tqdm" 2>/dev/null; then
-  say "installing trainsup (pip install -e .) ..."
-  "$PY" -m pip install -e .
+# with the extras the demo uses: TensorBoard curves, and matplotlib for `trainsup report`
+if ! "$PY" -c "import supervisor.cli, train_core, accelerate, tokenizers, tqdm, tensorboard, matplotlib" 2>/dev/null; then
+  say "installing trainsup (pip install -e '.[plot,tensorboard]') ..."
+  "$PY" -m pip install -e '.[plot,tensorboard]'
 fi
 
 # `trainsup`, through this interpreter: a `trainsup` on PATH may belong to another Python.
@@ -67,3 +68,8 @@ EOF
 echo
 say "sample from the trained model (runs/gpt-tiny/sample.txt):"
 cat runs/gpt-tiny/sample.txt
+
+echo
+say "trainsup report $JOB   (the loss curve, every stop, where the time went)"
+trainsup report "$JOB"
+say "curves: tensorboard --logdir runs/gpt-tiny   (then open http://localhost:6006)"
