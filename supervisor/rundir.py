@@ -36,7 +36,8 @@ SHARED_UMASK = 0o007  # group_shared: the group may read and write, others nothi
 # What trainsup keeps in a run dir: only these are checked (and tightened), so a run dir that
 # also holds other things (`--run-dir .`) is neither refused nor changed because of them.
 OWN_ENTRIES = ("checkpoints", "ranks", "logs", "control.json", "status.json", "supervisor.json", "events.jsonl",
-               "job.lock", "job.lock.pid")
+               "job.lock", "job.lock.pid", "costs.json", "failures.json", "metrics.jsonl", "report.html", "report.png",
+               "tensorboard")
 
 
 RUN_DIR_FIX = "use a dedicated directory such as runs/NAME"

@@ -555,3 +555,19 @@ def test_a_remembered_verdict_never_hides_a_swapped_file(one_ckpt):
     (c.path / "optimizer.bin").write_bytes(b"\x80\x04K\x01.")
     rehash(c.path)
     assert store.check(c.path).code == st.UNSAFE_PICKLE
+
+
+@pytest.mark.parametrize("entry", ["metrics.jsonl", "report.html", "tensorboard/events.out.tfevents.1"])
+def test_what_the_session_and_report_write_is_checked_too(tmp_path, entry):
+    from supervisor.errors import UserError
+    from supervisor.rundir import secure_run_dir
+
+    run_dir = tmp_path / "run"
+    (run_dir / "tensorboard").mkdir(parents=True)
+    (run_dir / "mine.txt").write_text("a user's own file beside the run: not trainsup's to judge")
+    os.chmod(run_dir / "mine.txt", 0o666)
+    secure_run_dir(run_dir)  # passes: mine.txt is not trainsup's
+    (run_dir / entry).write_text("x")
+    os.chmod(run_dir / entry, 0o666)
+    with pytest.raises(UserError, match=f"{entry} is writable by others .*chmod -R go-w"):
+        secure_run_dir(run_dir)
