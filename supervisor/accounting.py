@@ -1,6 +1,8 @@
-"""Where a run's wall-clock time went, across all its attempts and supervisors (design.md,
-"Goodput"): `account(run_dir) -> Accounting`. Torch-free; reads only files of the run dir, all
-of them untrusted (a bad line or field is skipped, a missing file is no data).
+"""Where a run's wall-clock time went, across all its attempts and supervisors:
+`account(run_dir) -> Accounting`. Goodput here is the productive time (the steps that are in the
+final model's history) over the wall time, as the goodput bench measures it (README, "Goodput
+under preemption"), with the lost time split by cause. Torch-free; reads only files of the run
+dir, all of them untrusted (a bad line or field is skipped, a missing file is no data).
 
 Sources: events.jsonl (the supervisor: attempts, stops, exits, checkpoints, pauses, waiting,
 sleep), metrics.jsonl (the main rank: each optimizer step, save and pause, with wall-clock
@@ -52,13 +54,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from supervisor.events import read_events
+from train_core.checkpoint import STEP_RE
 from train_core.contract import pid_alive
 from train_core.metricslog import METRICS_FILE, iter_metrics
-from train_core.runfiles import RunPaths, read_json
+from train_core.runfiles import RunPaths, is_number, read_json
 
 CATEGORIES = ("training", "saving", "exit", "restart", "recomputed", "paused", "waiting", "asleep")
 LOST = ("saving", "exit", "restart", "recomputed", "paused", "waiting")
-STOP_CAUSES = ("preempt", "crash", "oom", "hang", "thermal", "power", "sleep", "other")
+STOP_CAUSES = ("preempt", "crash", "oom", "hang", "thermal", "power", "sleep", "shutdown", "other")
 
 # where layers overlap, the higher one wins; "off" is cut out of the timeline
 _PRIORITY = {"restart": 0, "exit": 1, "training": 2, "recomputed": 2, "saving": 3, "waiting": 4, "paused": 5,
@@ -124,7 +127,7 @@ def _r(v: float | None) -> float | None:
 
 
 def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+    return float(v) if is_number(v) else None
 
 
 def _int(v: Any) -> int | None:
@@ -156,6 +159,7 @@ class _Attempt:
     loop_start: float | None = None  # its session's loop started (metrics.jsonl start record)
     end: float | None = None
     exit_kind: str | None = None  # attempt_exit's kind; None: no record
+    unsaved: bool = False  # it stopped as asked but its budget could not hold a save (stop_unsaved)
     exit_detail: str = ""
     exit_step: int | None = None
     resume_step: int | None = None
@@ -195,7 +199,7 @@ def _manifests(paths: RunPaths) -> list[dict[str, Any]]:
     except OSError:
         return out
     for e in entries:
-        m = re.fullmatch(r"step-(\d+)", e.name)
+        m = STEP_RE.match(e.name)
         if not m or not e.is_dir(follow_symlinks=False):
             continue
         man = read_json(Path(e.path) / "manifest.json") or {}
@@ -305,7 +309,7 @@ class _Builder:
                     a = self._attempt(n)
                     a.start = ts
                     a.resume_step = _step_of_path(e.get("resume_from"))
-                    if a.resume_step is None and "resume_from" not in e:
+                    if a.resume_step is None and not e.get("resume_from"):  # null: a fresh start
                         a.resume_step = 0
                 elif to == "stopping" and n is not None:
                     a = self._attempt(n)
@@ -323,6 +327,8 @@ class _Builder:
             elif name == "checkpoint" and _int(e.get("step")) is not None:
                 self.checkpoints.append({"ts": ts, "step": e["step"], "reason": e.get("reason")
                                          if isinstance(e.get("reason"), str) else None, "attempt": n})
+            elif name == "stop_unsaved" and n is not None:
+                self._attempt(n).unsaved = True
             elif name == "stop_requested":
                 self.triggers.append((ts, "preempt", f"signal {e.get('signal')}"))
             elif name == "hung":
@@ -351,7 +357,8 @@ class _Builder:
     def _watcher_event(self, e: dict[str, Any], ts: float, name: str, paused_by: dict[str, float]) -> None:
         """A watcher's decision: pauses (heat, power), stops (heat, power, shutdown)."""
         action, watcher = e.get("action"), str(e.get("watcher") or name)
-        cause = "thermal" if name.startswith("thermal") or watcher == "gpu" else "power"
+        cause = ("thermal" if name.startswith("thermal") or watcher == "gpu" else
+                 "shutdown" if watcher == "logind" else "power")
         if action == "pause":
             paused_by[watcher] = ts
             self.stops.append({"ts": ts, "step": None, "cause": cause, "kind": "pause", "attempt": None,
@@ -526,7 +533,7 @@ class _Builder:
             hi = top
         elif committed:
             hi = max(committed)
-        elif last.exit_kind in (None, "saved"):
+        elif last.exit_kind in (None, "saved") and not last.unsaved:
             hi = top  # no record of a checkpoint either way (a run without a supervisor): taken as kept
         else:
             hi = last.lo

@@ -64,7 +64,7 @@ def read_events(path: str | os.PathLike, last: int | None = None) -> list[dict[s
             for raw in f:
                 try:
                     obj = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                except (ValueError, RecursionError):  # torn, not UTF-8, or nested too deep
                     continue
                 if isinstance(obj, dict):
                     out.append(obj)

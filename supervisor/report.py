@@ -9,12 +9,14 @@ backend); matplotlib is an optional extra, imported only here. The numbers come 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import html
 import io
 from pathlib import Path
 from typing import Any
 
 from supervisor.accounting import CATEGORIES, Accounting, account
+from supervisor.cli.status import fmt_duration
 from train_core.metricslog import METRICS_FILE, read_metrics
 from train_core.runfiles import is_number, write_bytes_atomic
 
@@ -24,7 +26,8 @@ INSTALL = "pip install 'trainsup[plot]'"
 CATEGORY_COLORS = {"training": "#2ca02c", "saving": "#1f77b4", "exit": "#7f7f7f", "restart": "#ff7f0e",
                    "recomputed": "#d62728", "paused": "#9467bd", "waiting": "#bcbd22", "asleep": "#c7c7c7"}
 CAUSE_COLORS = {"preempt": "#1f77b4", "crash": "#d62728", "oom": "#ff7f0e", "hang": "#8c564b",
-                "thermal": "#e377c2", "power": "#bcbd22", "sleep": "#7f7f7f", "other": "#000000"}
+                "thermal": "#e377c2", "power": "#bcbd22", "sleep": "#7f7f7f", "shutdown": "#17becf",
+                "other": "#000000"}
 
 
 class MatplotlibMissing(RuntimeError):
@@ -97,7 +100,7 @@ def figure(run_dir: Path, acc: Accounting | None = None, metrics: list[dict[str,
         spans = [((a - t0) / scale, (b - a) / scale) for a, b, c in acc.segments if c == cat and b > a]
         if spans:
             timeline.broken_barh(spans, (0, 1), facecolors=CATEGORY_COLORS[cat], gid=cat,
-                                 label=f"{cat} {_dur(_seconds(acc, cat))}")
+                                 label=f"{cat} {fmt_duration(_seconds(acc, cat))}")
     timeline.set_yticks([])
     timeline.set_xlabel(f"wall time ({unit})")
     timeline.set_xlim(by_time.get_xlim() if metrics else (0, span / scale))
@@ -125,18 +128,22 @@ def write(run_dir: Path, out: Path | None = None) -> tuple[Path, Path]:
 
 
 def _final_history(metrics: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
-    """For every step, the records of its last logging: an attempt that resumed from an earlier
-    checkpoint recomputed the steps after it, and the later records are the ones kept."""
+    """For every step, the records that are in the final model's history: a session that starts
+    at step S (its "start" record: a resume from S, or 0) runs the steps after S again, so what
+    earlier sessions logged past S is dropped (from 0: everything, step 0's evaluation too)."""
     out: dict[int, list[dict[str, Any]]] = {}
-    last_attempt: dict[int, Any] = {}
+    attempt = None  # of the last step record
     for rec in metrics:
-        step = rec.get("step")
-        if rec.get("kind") not in ("step", "metrics") or not isinstance(step, int):
-            continue
-        if last_attempt.get(step, rec.get("attempt")) != rec.get("attempt"):
-            out[step] = []  # logged again by a later attempt: the earlier one was recomputed
-        last_attempt[step] = rec.get("attempt")
-        out.setdefault(step, []).append(rec)
+        if rec["kind"] == "start":
+            for step in [s for s in out if s > rec["step"] or rec["step"] == 0]:
+                del out[step]
+        elif rec["kind"] == "step":
+            if attempt is not None and rec.get("attempt") != attempt:  # another attempt without its start record
+                for step in [s for s in out if s >= rec["step"]]:
+                    del out[step]
+            attempt = rec.get("attempt")
+        if rec["kind"] in ("step", "metrics"):
+            out.setdefault(rec["step"], []).append(rec)
     return out
 
 
@@ -146,22 +153,22 @@ def _seconds(acc: Accounting, category: str) -> float:
     return acc.asleep_s if category == "asleep" else acc.lost_s.get(category, 0.0)
 
 
-def _dur(s: float) -> str:
-    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 120 else f"{s:.1f} s"
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _title(run_dir: Path, acc: Accounting) -> str:
     if acc.goodput is None:
         return f"{run_dir.name}: no training recorded yet"
-    return (f"{run_dir.name}: goodput {acc.goodput:.2f} ({_dur(acc.productive_s)} productive of "
-            f"{_dur(acc.wall_s - acc.asleep_s)}, {len(acc.stops)} stop(s))")
+    return (f"{run_dir.name}: goodput {acc.goodput:.2f} ({fmt_duration(acc.productive_s)} productive of "
+            f"{fmt_duration(acc.wall_s - acc.asleep_s)}, {len(acc.stops)} stop(s))")
 
 
 def _html(run_dir: Path, acc: Accounting, png: bytes) -> str:
     e = html.escape
-    rows = "".join(f"<tr><td>{e(c)}</td><td>{_dur(_seconds(acc, c))}</td></tr>" for c in CATEGORIES
+    rows = "".join(f"<tr><td>{e(c)}</td><td>{fmt_duration(_seconds(acc, c))}</td></tr>" for c in CATEGORIES
                    if _seconds(acc, c))
-    stops = "".join(f"<tr><td>{e(str(s.get('time', '')))}</td><td>{e(str(s.get('step')))}</td>"
+    stops = "".join(f"<tr><td>{_when(s['ts'])}</td><td>{e(str(s.get('step')))}</td>"
                     f"<td>{e(s['cause'])}</td><td>{e(str(s.get('detail', '')))}</td></tr>" for s in acc.stops)
     img = base64.b64encode(png).decode()
     return f"""<!doctype html>

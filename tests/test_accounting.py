@@ -56,7 +56,8 @@ class RunDir:
                     path=str(self.d / "checkpoints" / f"step-{step:08d}"))
 
     def start(self, t: float, attempt: int, resume: int | None) -> None:
-        extra = {"resume_from": str(self.d / "checkpoints" / f"step-{resume:08d}")} if resume else {}
+        # as the supervisor writes it: null on a fresh start
+        extra = {"resume_from": str(self.d / "checkpoints" / f"step-{resume:08d}") if resume else None}
         self.ev(t, "state", to="starting", cause=f"attempt {attempt}", attempt=attempt, **extra)
 
     def write(self, junk: bool = True) -> None:
@@ -216,6 +217,54 @@ def test_supervisor_sigkilled_mid_attempt(tmp_path):
     assert [c["step"] for c in acc.checkpoints] == [10, 12]  # 10 from its manifest: no event for it
 
 
+def test_a_stop_that_could_not_save_keeps_none_of_its_steps(tmp_path):
+    r = RunDir(tmp_path)
+    r.ev(0.0, "supervisor_start", pid=1)
+    r.start(0.0, 1, None)
+    r.t = 1.0
+    r.steps(1, 1, 10)
+    r.ev(11.0, "stop_requested", signal="SIGTERM")
+    r.ev(11.5, "stop_unsaved", attempt=1, lost_steps=10, step=10, checkpoint=None, reason="no time for a save")
+    r.ev(11.5, "attempt_exit", attempt=1, kind="saved", detail="stopped; not saved", step=10, duration_s=11.5)
+    r.ev(11.6, "supervisor_exit", exit_code=75)
+    r.write(junk=False)
+    acc = account(tmp_path, live=False)
+    assert acc.productive_s == 0.0 and acc.lost_s["recomputed"] == pytest.approx(10.0, abs=1e-3)
+    assert (acc.final_step, acc.steps_recomputed) == (0, 10)
+
+
+def test_a_fresh_attempt_known_only_by_its_checkpoints(tmp_path):
+    """A script without a TrainSession (no step records): a step a second, checkpoints at 100,
+    200 and 300, finished. The starting event's resume_from is null, as the supervisor writes it."""
+    r = RunDir(tmp_path)
+    r.ev(0.0, "supervisor_start", pid=1)
+    r.start(0.0, 1, None)
+    for step in (100, 200, 300):
+        manifest(tmp_path, step, step + 1.0, 1, "interval")
+        r.ev(step + 1.0, "checkpoint", step=step, reason="interval", attempt=1)
+    r.ev(301.5, "attempt_exit", attempt=1, kind="finished", detail="every rank finished", step=300,
+         duration_s=301.5)
+    r.ev(301.6, "supervisor_exit", exit_code=0)
+    r.write(junk=False)
+    (tmp_path / "metrics.jsonl").unlink()
+    acc = account(tmp_path, live=False)
+    assert acc.estimated and acc.steps_in_history == 300 and acc.final_step == 300
+    assert acc.productive_s == pytest.approx(300.0, abs=1.0) and acc.lost_s["restart"] <= 1.5
+
+
+def test_a_shutdown_stop_is_not_a_power_stop(tmp_path):
+    r = RunDir(tmp_path)
+    r.ev(0.0, "supervisor_start", pid=1)
+    r.start(0.0, 1, None)
+    r.t = 1.0
+    r.steps(1, 1, 3)
+    r.ev(4.0, "prepare_for_shutdown", watcher="logind", action="stop", reason="the system is shutting down")
+    r.save(1, 3, 0.5, "preempt")
+    r.ev(4.8, "attempt_exit", attempt=1, kind="saved", detail="ranks saved", step=3, duration_s=4.8)
+    r.write(junk=False)
+    assert [s["cause"] for s in account(tmp_path, live=False).stops] == ["shutdown"]
+
+
 def test_hang_and_runs_without_a_supervisor(tmp_path):
     r = RunDir(tmp_path / "hang")
     r.ev(0.0, "supervisor_start", pid=1)
@@ -288,7 +337,7 @@ def test_status_shows_the_accounting(tmp_path):
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     [good] = [line for line in lines if line.startswith("goodput:")]
-    assert "0.458 = 20.0 s productive of 2m24s wall; asleep 1m40s apart" in good and "7 step(s) run again" in good
+    assert "0.458 = 20.0 s productive of 43.7 s wall awake; asleep 1m40s apart" in good and "7 step(s) run again" in good
     [lost] = [line for line in lines if line.startswith("lost:")]
     assert lost.split(None, 1)[1] == ("recomputed 7.0 s, restart 6.0 s, paused 4.0 s, waiting 3.0 s, "
                                       "saving 2.5 s, exit 1.2 s")

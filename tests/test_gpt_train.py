@@ -194,6 +194,16 @@ def assert_usage_error(tmp_path: Path, proc: subprocess.CompletedProcess, *fragm
     return errors[0]
 
 
+def test_tensorboard_on_without_the_package_stops_before_training(tmp_path, corpus, cache, monkeypatch):
+    blocker = tmp_path / "block"
+    (blocker / "tensorboard").mkdir(parents=True)
+    (blocker / "tensorboard" / "__init__.py").write_text("raise ImportError('tensorboard blocked by the test')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = run_train(tmp_path, "--corpus", str(corpus), "--cache-dir", str(cache), "--tensorboard", "on")
+    assert_usage_error(tmp_path, proc, "--tensorboard on: the tensorboard package is missing",
+                       "pip install tensorboard")
+
+
 def test_corpus_path_missing(tmp_path, cache):
     proc = run_train(tmp_path, "--corpus", "no/such/folder", "--cache-dir", str(cache))
     assert_usage_error(tmp_path, proc, f"corpus path {tmp_path / 'no/such/folder'} does not exist",

@@ -43,6 +43,34 @@ def test_writer_buffers_steps_and_writes_whole_lines(tmp_path):
     assert all(line.endswith("}") for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
 
 
+def test_a_timed_flush_leaves_the_newest_step_pending(tmp_path):
+    """Its loss may still be computing on a device: converting it would wait for the device at
+    every flush (every step, with steps longer than the flush interval)."""
+    converted: list[list] = []
+
+    def to_floats(values):
+        converted.append(list(values))
+        return [float(v) for v in values]
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", attempt=1, flush_s=0.0, to_floats=to_floats)
+    log.step(1, loss=1.0)
+    assert converted == [] and not (tmp_path / "metrics.jsonl").exists()
+    log.step(2, loss=2.0)
+    assert converted == [[1.0]] and [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+    log.close()  # the end writes everything
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_hostile_numbers_are_skipped_not_raised(tmp_path):
+    (tmp_path / "m.jsonl").write_text("\n".join([
+        '{"kind": "step", "step": 1, "ts": 1' + "0" * 400 + '}', "[" * 20000,
+        '{"kind": "step", "step": 2, "ts": 2.0, "loss": 1.5}']) + "\n")
+    assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [2]
+    log = MetricsLog(tmp_path / "w.jsonl", attempt=1)
+    log.metrics(3, {"huge": 10 ** 400})
+    assert read_metrics(tmp_path / "w.jsonl")[0]["huge"] is None
+
+
 def test_writer_survives_a_bad_path_and_readers_skip_junk(tmp_path, caplog):
     (tmp_path / "target").write_text("")
     os.symlink(tmp_path / "target", tmp_path / "metrics.jsonl")  # never written through a symlink

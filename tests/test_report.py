@@ -125,6 +125,24 @@ def test_bad_targets(tmp_path):
     proc = subprocess.run([*CLI, "report", str(tmp_path / "run"), "-o", str(tmp_path / "no" / "dir" / "r.html")],
                           env=env(), capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "no such directory" in proc.stderr
+    png = tmp_path / "r.png"  # the PNG goes beside the HTML: one name for both would overwrite
+    proc = subprocess.run([*CLI, "report", str(tmp_path / "run"), "-o", str(png)], env=env(), capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 2 and "r.html" in proc.stderr and not png.exists()
+
+
+def test_hostile_files_are_skipped_not_a_traceback(tmp_path):
+    run_dir = tmp_path / "run"
+    eventful_run(run_dir)
+    with open(run_dir / "events.jsonl", "a") as f:
+        f.write("[" * 20000 + "\n" + '{"ts": 1' + "0" * 400 + ', "event": "checkpoint", "step": 3}\n')
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "step", "step": 99, "ts": 1' + "0" * 400 + "}\n")
+    (run_dir / "checkpoints" / "step-00000099" / "manifest.json").mkdir(parents=True)  # a directory
+    proc = subprocess.run([*CLI, "report", str(run_dir)], env=env(), capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    proc = subprocess.run([*CLI, "status", str(run_dir)], env=env(), capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and "goodput:         0.458" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_the_supervisor_cli_does_not_import_matplotlib():

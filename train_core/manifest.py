@@ -97,10 +97,11 @@ def _read_manifest(mpath: Path) -> bytes:
         if e.errno == errno.ELOOP:
             raise _ManifestProblem("manifest.json is a symlink (trainsup never follows symlinks)", SYMLINK) from None
         raise _ManifestProblem(f"unreadable manifest.json: {e.strerror or e}", UNREADABLE_MANIFEST) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # checked before fdopen, which refuses a directory with an error of its own
+        os.close(fd)
+        raise _ManifestProblem("manifest.json is not a regular file", UNREADABLE_MANIFEST)
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise _ManifestProblem("manifest.json is not a regular file", UNREADABLE_MANIFEST)
         if st.st_size > MAX_MANIFEST_BYTES:
             raise _ManifestProblem(f"manifest.json is {st.st_size} bytes (more than {MAX_MANIFEST_BYTES >> 20} MiB: "
                                    "not a trainsup manifest)", UNREADABLE_MANIFEST)

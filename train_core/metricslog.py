@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from train_core.runfiles import is_number
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -44,7 +46,7 @@ MAX_LINE = 1 << 16  # a reader skips longer lines
 def _finite(value: Any) -> float | None:
     try:
         v = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return v if math.isfinite(v) else None
 
@@ -93,7 +95,7 @@ class MetricsLog:
             rec["tokens_per_s"] = round(v, 1)
         self._pending.append(rec)
         if len(self._pending) >= MAX_PENDING or time.monotonic() - self._last_flush >= self.flush_s:
-            self.flush()
+            self.flush(keep_newest=True)  # its loss may still be computing on a device: not waited for
 
     def metrics(self, step: int, values: Mapping[str, Any]) -> None:
         rec = self._record("metrics", step)
@@ -115,13 +117,15 @@ class MetricsLog:
         self._pending.append(rec)
         self.flush()
 
-    def flush(self) -> None:
-        """Write what is buffered, complete lines in one write. A failure (a full disk) is logged
-        once and the lines are dropped: metrics never stop training."""
+    def flush(self, *, keep_newest: bool = False) -> None:
+        """Write what is buffered (but the newest record with `keep_newest`), complete lines in one
+        write. A failure (a full disk) is logged once and the lines are dropped: metrics never stop
+        training."""
         self._last_flush = time.monotonic()
-        if not self._pending:
+        cut = len(self._pending) - 1 if keep_newest else len(self._pending)
+        if cut <= 0:
             return
-        pending, self._pending = self._pending, []
+        pending, self._pending = self._pending[:cut], self._pending[cut:]
         with_loss = [r for r in pending if "loss" in r]
         if with_loss:
             try:
@@ -162,9 +166,9 @@ class MetricsLog:
 def _valid(obj: Any) -> bool:
     if not isinstance(obj, dict):
         return False
-    step, ts = obj.get("step"), obj.get("ts", obj.get("time"))
+    step = obj.get("step")
     return (isinstance(step, int) and not isinstance(step, bool) and step >= 0
-            and isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts))
+            and is_number(obj.get("ts", obj.get("time"))))
 
 
 def iter_metrics(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
@@ -179,19 +183,23 @@ def iter_metrics(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
         return
     with f:
         for raw in f:
-            if len(raw) > MAX_LINE:
-                continue
-            try:
-                obj = json.loads(raw)
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                continue
-            if not _valid(obj):
-                continue
-            if "kind" not in obj:
-                obj = {**obj, "kind": "metrics", "ts": obj.get("ts", obj.get("time"))}
-            elif obj["kind"] not in KINDS:
-                continue
-            yield obj
+            if (obj := parse_line(raw)) is not None:
+                yield obj
+
+
+def parse_line(raw: bytes) -> dict[str, Any] | None:
+    """One line of a metrics.jsonl as a valid record (see iter_metrics), else None."""
+    if len(raw) > MAX_LINE:
+        return None
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
+        return None
+    if not _valid(obj):
+        return None
+    if "kind" not in obj:
+        return {**obj, "kind": "metrics", "ts": obj.get("ts", obj.get("time"))}
+    return obj if obj["kind"] in KINDS else None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

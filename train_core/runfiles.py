@@ -105,8 +105,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = 
 
 
 def is_number(value: object) -> bool:
-    """A finite int or float (a bool is not a number here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (a bool is not a number here; nor an int too large for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int of hundreds of digits, from a hostile file
+        return False
 
 
 def json_number(obj: Mapping[str, Any], key: str) -> float | None:
@@ -116,11 +121,12 @@ def json_number(obj: Mapping[str, Any], key: str) -> float | None:
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The JSON object in `path`, or None when the file is missing or not a JSON object."""
+    """The JSON object in `path`, or None when the file is missing, unreadable (a directory, no
+    permission) or not a JSON object (including one nested too deep to parse)."""
     try:
         with open(path, "rb") as f:
             obj = json.load(f)
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
     return obj if isinstance(obj, dict) else None
 

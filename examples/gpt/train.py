@@ -168,23 +168,22 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 80.0))  # capped: exp overflows past ~709, and such a model is noise anyway
 
 
-def start_tensorboard(mode: str, accelerator: Accelerator, run_dir: Path, first_step: int) -> None:
-    """TensorBoard curves under RUN_DIR/tensorboard through accelerate's tracker (accelerator.log
-    then writes to it on the main process). A run that resumes at step S continues the same
-    curves: its writer purges what earlier attempts logged past S (steps a crash made it
-    recompute), so no step shows twice; from step 0, everything is logged again."""
-    if mode == "off":
-        return
+def tensorboard_installed() -> bool:
     try:
-        from accelerate.tracking import TensorBoardTracker
-        from torch.utils import tensorboard  # noqa: F401  (what the tracker imports)
+        from torch.utils import tensorboard  # noqa: F401  (what accelerate's tracker imports)
     except ImportError:
-        if mode == "on":
-            raise SystemExit(fail("--tensorboard on: the tensorboard package is missing; pip install tensorboard "
-                                  "(or pip install -e '.[tensorboard]')"))
-        return
-    tracker = TensorBoardTracker("tensorboard", run_dir, purge_step=first_step + 1 if first_step else 0,
-                                 flush_secs=10)  # a SIGKILL loses at most 10 s of curves
+        return False
+    return True
+
+
+def start_tensorboard(accelerator: Accelerator, run_dir: Path, first_step: int) -> None:
+    """TensorBoard curves under RUN_DIR/tensorboard through accelerate's tracker (accelerator.log
+    then writes to it on the main process, flushing at every call). A run that resumes at step S
+    continues the same curves: its writer purges what earlier attempts logged past S (steps a
+    crash made it recompute), so no step shows twice; from step 0, everything is logged again."""
+    from accelerate.tracking import TensorBoardTracker
+
+    tracker = TensorBoardTracker("tensorboard", run_dir, purge_step=first_step + 1 if first_step else 0)
     accelerator.log_with = [tracker]
     accelerator.init_trackers("tensorboard")
     if accelerator.is_main_process:
@@ -203,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     problem = check_args(args)
     if problem:
         return fail(problem)
+    tensorboard = args.tensorboard == "on" or (args.tensorboard == "auto" and tensorboard_installed())
+    if args.tensorboard == "on" and not tensorboard_installed():
+        return fail("--tensorboard on: the tensorboard package is missing; pip install tensorboard "
+                    "(or pip install -e '.[tensorboard]'), or --tensorboard off")
     min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     decay_steps = args.max_steps if args.lr_decay_steps is None else args.lr_decay_steps
     try:
@@ -307,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(total=args.max_steps, initial=first_step, unit="step", dynamic_ncols=True,
                    disable=not (main_rank and sys.stderr.isatty()))
         say = bar.write if not bar.disable else (lambda s: print(s, flush=True))
-        start_tensorboard(args.tensorboard, accelerator, session.paths.run_dir, first_step)
+        if tensorboard:
+            start_tensorboard(accelerator, session.paths.run_dir, first_step)
         if first_step == 0:
             session.log_metrics(record_eval(0, say))  # the baseline every later evaluation is compared with
         else:

@@ -28,6 +28,9 @@ def report_cmd(target: Path, output: Path | None) -> None:
     run_dir = resolve_run_dir(str(target))
     if output is not None and not output.parent.is_dir():
         raise UserError(f"{output.parent}: no such directory; create it or pass another --output")
+    if output is not None and output.suffix.lower() != ".html":
+        raise UserError(f"{output}: --output names the HTML file (the PNG is written beside it); "
+                        f"use e.g. {output.with_suffix('.html')}")
     from supervisor import report
 
     try:

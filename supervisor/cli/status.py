@@ -19,6 +19,8 @@ from supervisor.cli.common import resolve_run_dir
 from supervisor.cli.console import _fmt_num
 from train_core import costs as costing
 from train_core.contract import pid_alive
+from train_core.metricslog import parse_line
+from train_core.runfiles import is_number
 
 # --------------------------------------------------------------------------- status
 
@@ -128,7 +130,10 @@ def format_status(st: dict[str, Any]) -> str:
     if saving:
         lines.append(saving)
     if ev:
-        when = dt.datetime.fromtimestamp(ev.get("ts", 0)).strftime("%Y-%m-%d %H:%M:%S")
+        try:  # events.jsonl is untrusted: a ts of any size or type
+            when = dt.datetime.fromtimestamp(ev["ts"]).strftime("%Y-%m-%d %H:%M:%S") if is_number(ev.get("ts")) else "?"
+        except (OverflowError, OSError, ValueError):
+            when = "?"
         rest = {k: v for k, v in ev.items() if k not in ("ts", "time", "event", "argv")}
         detail = " ".join(f"{k}={v}" for k, v in rest.items())
         lines.append(f"last event:      {when} {ev.get('event')} {detail}".rstrip())
@@ -145,7 +150,7 @@ def format_status(st: dict[str, Any]) -> str:
 
 def fmt_duration(s: Any) -> str:
     """12.3 s, 4m05s, 2h07m."""
-    if not isinstance(s, (int, float)) or isinstance(s, bool):
+    if not is_number(s):
         return "-"
     if s < 59.95:
         return f"{s:.1f} s"
@@ -163,9 +168,11 @@ def format_accounting(acc: dict[str, Any]) -> list[str]:
     if not acc.get("wall_s"):
         return []
     g = acc.get("goodput")
-    asleep = f"; asleep {fmt_duration(acc['asleep_s'])} apart" if acc.get("asleep_s") else ""
+    asleep = acc.get("asleep_s") if is_number(acc.get("asleep_s")) else 0.0
+    awake = acc["wall_s"] - asleep if is_number(acc.get("wall_s")) else None  # the goodput's denominator
     head = (f"{'goodput:':<16} {'-' if g is None else format(g, '.3f')} = {fmt_duration(acc.get('productive_s'))} "
-            f"productive of {fmt_duration(acc.get('wall_s'))} wall{asleep}")
+            f"productive of {fmt_duration(awake)} wall" + (f" awake; asleep {fmt_duration(asleep)} apart" if asleep
+                                                          else ""))
     if acc.get("steps_recomputed"):
         head += f" ({acc['steps_recomputed']} step(s) run again)"
     if acc.get("estimated"):
@@ -301,12 +308,8 @@ def recent_step_rate(path: Path, tail_bytes: int = 32768) -> float | None:
         return None
     recs = []
     for raw in data.splitlines()[1:] if size > tail_bytes else data.splitlines():
-        try:
-            r = json.loads(raw)
-        except ValueError:
-            continue
-        if (isinstance(r, dict) and r.get("kind") == "step" and isinstance(r.get("step"), int)
-                and isinstance(r.get("ts"), (int, float))):
+        r = parse_line(raw)
+        if r is not None and r["kind"] == "step":
             if recs and (r["step"] <= recs[-1]["step"] or r.get("attempt") != recs[-1].get("attempt")):
                 recs = []  # a new attempt: its own rate
             recs.append(r)
