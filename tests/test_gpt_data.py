@@ -336,6 +336,7 @@ def _child(tmp_path, *args):
     )
 
 
+@pytest.mark.slow  # seconds of real processes: out of the fast lane
 def test_two_processes_preparing_at_once_train_once(tmp_path, corpus):
     marker = tmp_path / "race"
     procs = [_child(tmp_path, "race", corpus, tmp_path / "cache", marker) for _ in range(2)]
@@ -367,6 +368,7 @@ def test_lock_timeout_is_a_clear_error(tmp_path, corpus):
     assert not prepare_data(corpus, cache, vocab_size=300).cache_hit
 
 
+@pytest.mark.slow  # seconds of real processes: out of the fast lane
 def test_kill_mid_prepare_leaves_no_trusted_half_cache(tmp_path, corpus):
     cache, marker = tmp_path / "cache", tmp_path / "stuck"
     proc = _child(tmp_path, "kill", corpus, cache, marker)

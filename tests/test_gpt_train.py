@@ -288,6 +288,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert all(a >= b for a, b in zip(steps, steps[1:]))
 
 
+@pytest.mark.slow  # seconds of real processes: out of the fast lane
 def test_supervisor_batch_override_is_used(tmp_path, corpus, cache):
     """OOM back-off: TRAINSUP_MICRO_BATCH / TRAINSUP_GRAD_ACCUM win over --micro-batch / --grad-accum."""
     e = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINSUP_", "ACCELERATE_"))}
@@ -301,6 +302,7 @@ def test_supervisor_batch_override_is_used(tmp_path, corpus, cache):
     assert (ckpt.step, ckpt.manifest["micro_batch"], ckpt.manifest["grad_accum"]) == (2, 4, 4)
 
 
+@pytest.mark.slow  # seconds of real processes: out of the fast lane
 def test_bad_input_under_the_supervisor_stops_at_once(tmp_path, cache):
     """The rank reports bad input: `trainsup run` exits 2 with the script's message, no retry."""
     run_dir = tmp_path / "run"

@@ -253,6 +253,7 @@ def test_internal_error_asks_the_ranks_to_save_first(tmp_path, exc):
     assert run_processes(job.run_dir) == []
 
 
+@pytest.mark.slow  # seconds of real processes: out of the fast lane
 def test_internal_error_escalates_when_the_ranks_do_not_stop(tmp_path):
     job = fake_job(tmp_path, ["--steps", "5000", "--step-time", "0.02", "--ignore-stop"],
                    stop={"grace_s": 1.0, "kill_after_s": 1.0})

@@ -73,6 +73,7 @@ def setup(tmp_path):
 
 
 @pytest.mark.parametrize("idle", [False, True])
+@pytest.mark.slow  # seconds of real processes: out of the fast lane
 def test_standby_takes_the_attempt_like_a_plain_start(setup, tmp_path, idle):
     procs, script, paths, base = setup
     procs.prepare(plan(script, {**base, "TRAINSUP_ATTEMPT": "1"}), cwd=tmp_path, paths=paths, idle=idle)

@@ -82,6 +82,7 @@ class ScriptedWatcher:
         self.closed = True
 
 
+@pytest.mark.slow  # seconds of real processes: out of the fast lane
 def test_watcher_decisions_drive_the_run(tmp_path):
     job = fast_job(tmp_path, ["--steps", "40", "--step-time", "0.03", "--heartbeat-s", "0.1"],
                    retention={"keep_last": 10})
@@ -159,6 +160,7 @@ def test_stop_during_backoff_exits_with_checkpoint(tmp_path):
     assert "newest checkpoint step 10" in last["cause"]
 
 
+@pytest.mark.slow  # seconds of real processes: out of the fast lane
 def test_resume_failed_falls_back_to_previous_checkpoint(tmp_path):
     job = fast_job(tmp_path, ["--steps", "30", "--step-time", "0.01", "--save-every", "10",
                               "--resume-fail-from", "20"])

@@ -491,6 +491,7 @@ class Suspend(QuietWatcher):
         return {"suspended": self.done}
 
 
+@pytest.mark.slow  # seconds of real processes: out of the fast lane
 def test_a_suspend_longer_than_the_hang_timeout_is_not_a_hang(tmp_path):
     from supervisor.config import load_job
     from supervisor.runner import Runner
