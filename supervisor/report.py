@@ -44,7 +44,7 @@ def figure(run_dir: Path, acc: Accounting | None = None, metrics: list[dict[str,
         raise MatplotlibMissing(f"trainsup report draws with matplotlib, which is not installed: {INSTALL}") from None
     acc = acc if acc is not None else account(run_dir)
     metrics = metrics if metrics is not None else read_metrics(run_dir / METRICS_FILE)
-    t0 = acc.start_ts if acc.start_ts is not None else min((m["ts"] for m in metrics if "ts" in m), default=0.0)
+    t0 = acc.start_ts if acc.start_ts is not None else metrics[0]["ts"] if metrics else 0.0
     span = max((acc.end_ts or t0) - t0, 1.0)
     unit, scale = ("h", 3600.0) if span > 3 * 3600 else ("min", 60.0) if span > 180 else ("s", 1.0)
 
