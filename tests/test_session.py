@@ -484,3 +484,26 @@ def test_a_position_this_micro_batch_cannot_reach_is_bad_input_not_a_broken_chec
         restore_position(tmp_path, {"global_step": 3}, micro_batch=4, world_size=1)
     done = restore_position(tmp_path, {**state, "epoch_complete": True}, micro_batch=4, world_size=1)
     assert (done.epoch, done.skip_batches) == (1, 0)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(torch.arange(10))
+
+
+def test_dataloader_takes_a_stream_without_arguments(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from train_core.errors import SessionError
+    from train_core.session import TrainSession
+
+    acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    session = TrainSession(acc, config={}, max_steps=1, micro_batch=4, run_dir=tmp_path / "run")
+    dl = session.dataloader(_Stream())  # torch alone: "expected unspecified shuffle option"
+    assert [b.tolist() for b in dl] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # the stream's own order
+    with pytest.raises(SessionError, match="shuffle=True.*_Stream is an IterableDataset.*shuffle inside the dataset"):
+        session.dataloader(_Stream(), shuffle=True)
+    mapped = session.dataloader(torch.utils.data.TensorDataset(torch.arange(64)))  # map-style: shuffled
+    assert [int(x) for b in mapped for x in b[0]] != list(range(64))
+    assert sorted(int(x) for b in mapped for x in b[0]) == list(range(64))

@@ -28,10 +28,21 @@ from train_core.signals import ignore_stop_signals_worker_init
 log = logging.getLogger(__name__)
 
 
-def make_dataloader(dataset: Any, micro_batch: int | None, *, shuffle: bool, **kwargs: Any) -> torch.utils.data.DataLoader:
-    """batch_size = micro_batch, a dedicated generator, workers that ignore stop signals."""
+def make_dataloader(dataset: Any, micro_batch: int | None, *, shuffle: bool | None,
+                    **kwargs: Any) -> torch.utils.data.DataLoader:
+    """batch_size = micro_batch, a dedicated generator, workers that ignore stop signals;
+    shuffle None: a map-style dataset shuffled, a stream in its own order."""
     if micro_batch is None and "batch_size" not in kwargs:
         raise SessionError("session.dataloader needs TrainSession(micro_batch=...) or batch_size=...")
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        if shuffle:  # torch refuses it with "expected unspecified shuffle option"
+            raise SessionError(
+                f"session.dataloader(shuffle=True) with a stream ({type(dataset).__name__} is an IterableDataset): "
+                "a stream yields its items in its own order, so no sampler can shuffle it; shuffle inside the "
+                "dataset (a seeded shuffle buffer, or shuffled shards) and leave shuffle out")
+        shuffle = None
+    elif shuffle is None:
+        shuffle = True
     kwargs.setdefault("batch_size", micro_batch)
     kwargs.setdefault("generator", torch.Generator())
     if kwargs.get("num_workers", 0) > 0:

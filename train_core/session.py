@@ -217,9 +217,11 @@ class TrainSession:
         self.watcher.start()
 
     # ------------------------------------------------------------------ setup
-    def dataloader(self, dataset: Any, *, shuffle: bool = True, **kwargs: Any) -> torch.utils.data.DataLoader:
+    def dataloader(self, dataset: Any, *, shuffle: bool | None = None, **kwargs: Any) -> torch.utils.data.DataLoader:
         """A DataLoader set up for exact resume: batch_size = session.micro_batch, a dedicated
-        generator, workers that ignore stop signals. kwargs go to torch's DataLoader."""
+        generator, workers that ignore stop signals. kwargs go to torch's DataLoader. `shuffle`:
+        by default a map-style dataset is shuffled (by the seeded sampler) and a stream
+        (IterableDataset) is read in its own order."""
         return loaders.make_dataloader(dataset, self.micro_batch, shuffle=shuffle, **kwargs)
 
     def prepare(self, *objects: Any) -> Any:
