@@ -145,16 +145,12 @@ def _cc(cc: tuple[int, int]) -> str:
 def _gpu_backend(job: "JobConfig", probe: Probe) -> "GpuBackend":
     if probe.gpu is not None:
         return probe.gpu()
-    from supervisor.watch.fake_gpu import FakeGpuBackend, load_fake_script
+    from supervisor.watch.gpu import gpu_backend
     from supervisor.watch.nvml import NvmlBackend
+    from supervisor.watch.registry import job_dir
 
-    cfg = job.sections.get("gpu")
-    if cfg is not None and (cfg.backend == "fake" or (cfg.backend == "auto" and cfg.fake_script)):
-        path = Path(cfg.fake_script)
-        if not path.is_absolute():
-            path = (job.job_file.parent if job.job_file else Path.cwd()) / path
-        return FakeGpuBackend(load_fake_script(path), start_s=0.0)
-    return NvmlBackend()
+    cfg = job.sections.get("gpu")  # the GPU watch's backend: a job's fake GPU script counts here too
+    return gpu_backend(cfg, job_dir(job)) if cfg is not None else NvmlBackend()
 
 
 def _cuda_visible(job: "JobConfig", probe: Probe) -> str | None:

@@ -26,7 +26,7 @@ from supervisor.watch.fake_gpu import FakeGpuBackend, load_fake_script
 from supervisor.watch.nvml import GpuBackend, GpuUnavailable, NvmlBackend
 from supervisor.watch.thermal import GpuConfig, GpuReading, ThermalPhase, WatchState, blocking_reason, evaluate
 
-__all__ = ["visible_nvml_indices", "GpuWatcher", "build_gpu_watcher"]
+__all__ = ["visible_nvml_indices", "GpuWatcher", "build_gpu_watcher", "gpu_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -349,6 +349,19 @@ class GpuWatcher:
                     log.debug("closing GPU backend failed", exc_info=True)
 
 
+def gpu_backend(config: GpuConfig, base_dir: str | os.PathLike[str], *,
+                clock: Callable[[], float] = time.monotonic) -> GpuBackend:
+    """The backend `[gpu]` names: its fake script (backend "fake", or "auto" with fake_script set;
+    a relative path starts at `base_dir`), else NVML. Raises JobConfigError for a bad script."""
+    if config.backend == "fake" or (config.backend == "auto" and config.fake_script):
+        assert config.fake_script is not None
+        path = Path(config.fake_script)
+        if not path.is_absolute():
+            path = Path(base_dir) / path
+        return FakeGpuBackend(load_fake_script(path), start_s=clock(), clock=clock)
+    return NvmlBackend()
+
+
 def build_gpu_watcher(
     config: GpuConfig,
     *,
@@ -365,17 +378,8 @@ def build_gpu_watcher(
     if not config.enabled:
         return None
     env = os.environ if env is None else env
-    backend: GpuBackend
-    if config.backend == "fake" or (config.backend == "auto" and config.fake_script):
-        assert config.fake_script is not None
-        path = Path(config.fake_script)
-        if not path.is_absolute():
-            path = Path(base_dir) / path
-        backend = FakeGpuBackend(load_fake_script(path), start_s=clock(), clock=clock)
-    else:
-        backend = NvmlBackend()
     return GpuWatcher(
-        config, backend,
+        config, gpu_backend(config, base_dir, clock=clock),
         cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
         cuda_device_order=env.get("CUDA_DEVICE_ORDER"),
         threaded=threaded, clock=clock,

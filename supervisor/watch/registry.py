@@ -51,7 +51,7 @@ def gpu_watcher(job: "JobConfig") -> "Watcher | None":
         return None
     if job.launch.cpu and not cfg.fake_script:
         return None  # a CPU job uses no GPU: no NVML, and no "GPU unmonitored" warning on every run
-    base = _job_dir(job)
+    base = job_dir(job)
     # The child gets CUDA_DEVICE_ORDER=PCI_BUS_ID unless the job sets another (supervisor.runner.launch).
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", **os.environ, **job.train.env}
     return build_gpu_watcher(cfg, base_dir=base, env=env)
@@ -65,7 +65,7 @@ def power_watcher(job: "JobConfig") -> "Watcher | None":
     cfg = job.sections.get("power")
     if cfg is None or not cfg.enabled:
         return None
-    return PowerWatcher(cfg, source=SysfsPowerSource(str(_job_dir(job) / cfg.sysfs_root)))
+    return PowerWatcher(cfg, source=SysfsPowerSource(str(job_dir(job) / cfg.sysfs_root)))
 
 
 def logind_watcher(job: "JobConfig") -> "Watcher | None":
@@ -91,6 +91,6 @@ def disk_watcher(job: "JobConfig") -> "Watcher | None":
 WATCHERS: list[Callable[["JobConfig"], "Watcher | None"]] = [gpu_watcher, power_watcher, logind_watcher, disk_watcher]
 
 
-def _job_dir(job: "JobConfig") -> Path:
+def job_dir(job: "JobConfig") -> Path:
     """Where a relative path in a watcher section starts: the job file's folder, like [train] script."""
     return job.job_file.parent if job.job_file else Path.cwd()
