@@ -67,7 +67,8 @@ from train_core.pacing import Pacer
 from train_core.position import Position, samples_in_epoch
 from train_core.reporting import LossMean, RateMeter, announce_rank, exit_report_for, losses_to_floats
 from train_core.retention import RetentionPolicy
-from train_core.runfiles import ENV_BACKGROUND_SAVES, ENV_GROUP_SHARED, ENV_STOP_BUDGET_S, ENV_STOP_WINDOW_S, RunPaths
+from train_core.runfiles import (ENV_BACKGROUND_SAVES, ENV_GROUP_SHARED, ENV_STOP_BUDGET_S, ENV_STOP_WINDOW_S, RunPaths,
+                                 is_number)
 from train_core.saving import TRAINER_STATE, custom_file
 from train_core.settings import default_run_dir
 from train_core.signals import StopFlag
@@ -189,10 +190,9 @@ class TrainSession:
         self._pending_step_done = False
         self._pending: list[str] = []
         self._step_metrics: dict[str, float] = {}
-        self._local_tokens = 0  # since the last checkpoint, this rank
-        self._local_samples = 0
-        self._tokens_total = 0  # this rank, never reset: the rate meter's
+        self._tokens_total = 0  # this rank, never reset (the rate meter's)
         self._samples_total = 0
+        self._totals_at_save = (0, 0)  # the two above at the last checkpoint
         self._optimizers: list[Any] = []  # prepared: metrics.jsonl's lr
         self._loss_mean = LossMean()
         self._entered = False
@@ -371,11 +371,8 @@ class TrainSession:
         if self._state == "evaluating":
             self._state = "training"
         self.batch_in_epoch += 1
-        n_tokens, n_samples = int(tokens or 0), int(samples if samples is not None else (self.micro_batch or 0))
-        self._local_tokens += n_tokens
-        self._local_samples += n_samples
-        self._tokens_total += n_tokens
-        self._samples_total += n_samples
+        self._tokens_total += int(tokens or 0)
+        self._samples_total += int(samples if samples is not None else (self.micro_batch or 0))
         if loss is not None:
             self._last_loss = loss
             if self._metrics_log is not None:
@@ -571,7 +568,8 @@ class TrainSession:
     def _position(self) -> Position:
         """The one record of where the run stands, for both manifest.json and trainer_state.json.
         Collective: the token and sample counts are summed over the ranks."""
-        tokens, samples = self._collectives.all_sum([self._local_tokens, self._local_samples])
+        tokens, samples = self._collectives.all_sum([self._tokens_total - self._totals_at_save[0],
+                                                     self._samples_total - self._totals_at_save[1]])
         return Position(
             global_step=self.global_step,
             epoch=self.epoch,
@@ -613,7 +611,7 @@ class TrainSession:
             result = self._saver.save(position, state, **args)
         if result is None or result[1]:
             self.tokens_seen, self.samples_seen = position.tokens_seen, position.samples_seen
-            self._local_tokens = self._local_samples = 0
+            self._totals_at_save = (self._tokens_total, self._samples_total)
         now = time.monotonic()
         self.pacer.started(position.global_step, now - t_wait)
         self._rates.restart()
@@ -689,4 +687,4 @@ class TrainSession:
             lr = self._optimizers[0].param_groups[0]["lr"] if self._optimizers else None
         except (AttributeError, IndexError, KeyError, TypeError):
             return None
-        return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+        return float(lr) if is_number(lr) else None
