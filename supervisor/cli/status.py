@@ -25,6 +25,11 @@ from train_core.runfiles import is_number
 # --------------------------------------------------------------------------- status
 
 
+def supervisor_running(sup: dict[str, Any]) -> bool:
+    """supervisor.json says a supervisor runs, and its pid is alive."""
+    return sup.get("state") not in (None, "exited", "fatal") and pid_alive(sup.get("pid"))
+
+
 def collect_status(run_dir: Path) -> dict[str, Any]:
     from supervisor.events import read_events
     from train_core.runfiles import RunPaths, read_json
@@ -33,7 +38,7 @@ def collect_status(run_dir: Path) -> dict[str, Any]:
     paths = RunPaths(run_dir)
     sup = read_json(paths.supervisor) or {}
     hb = read_json(paths.status) or {}
-    running = sup.get("state") not in (None, "exited", "fatal") and pid_alive(sup.get("pid"))
+    running = supervisor_running(sup)
     latest = CheckpointStore(paths.checkpoints).latest_valid()
     events = read_events(paths.events, last=1)
     now = time.time()
@@ -272,7 +277,7 @@ def watch_snapshot(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     sup = read_json(paths.supervisor) or {}
     hb = read_json(paths.status) or {}
-    running = sup.get("state") not in (None, "exited", "fatal") and pid_alive(sup.get("pid"))
+    running = supervisor_running(sup)
     state = sup.get("state") if running or sup.get("state") in ("exited", "fatal") else (
         "not running" if sup else "never run")
     ck = hb.get("last_checkpoint") if isinstance(hb.get("last_checkpoint"), dict) else sup.get("last_checkpoint")
