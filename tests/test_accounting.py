@@ -72,6 +72,16 @@ class RunDir:
         (self.d / "metrics.jsonl").write_text("\n".join(mlines) + "\n" + ('{"kind": "st' if junk else ""))
 
 
+def first_attempt(d: Path, last_step: int, *, pid: int = 1) -> RunDir:
+    """A supervisor starts attempt 1 fresh at t=0; 1 s start-up, then steps 1..last_step (1 s each)."""
+    r = RunDir(d)
+    r.ev(0.0, "supervisor_start", pid=pid)
+    r.start(0.0, 1, None)
+    r.t = 1.0
+    r.steps(1, 1, last_step)
+    return r
+
+
 def manifest(d: Path, step: int, t: float, attempt: int, reason: str) -> None:
     ck = d / "checkpoints" / f"step-{step:08d}"
     ck.mkdir(parents=True)
@@ -218,11 +228,7 @@ def test_supervisor_sigkilled_mid_attempt(tmp_path):
 
 
 def test_a_stop_that_could_not_save_keeps_none_of_its_steps(tmp_path):
-    r = RunDir(tmp_path)
-    r.ev(0.0, "supervisor_start", pid=1)
-    r.start(0.0, 1, None)
-    r.t = 1.0
-    r.steps(1, 1, 10)
+    r = first_attempt(tmp_path, 10)
     r.ev(11.0, "stop_requested", signal="SIGTERM")
     r.ev(11.5, "stop_unsaved", attempt=1, lost_steps=10, step=10, checkpoint=None, reason="no time for a save")
     r.ev(11.5, "attempt_exit", attempt=1, kind="saved", detail="stopped; not saved", step=10, duration_s=11.5)
@@ -253,11 +259,7 @@ def test_a_fresh_attempt_known_only_by_its_checkpoints(tmp_path):
 
 
 def test_a_shutdown_stop_is_not_a_power_stop(tmp_path):
-    r = RunDir(tmp_path)
-    r.ev(0.0, "supervisor_start", pid=1)
-    r.start(0.0, 1, None)
-    r.t = 1.0
-    r.steps(1, 1, 3)
+    r = first_attempt(tmp_path, 3)
     r.ev(4.0, "prepare_for_shutdown", watcher="logind", action="stop", reason="the system is shutting down")
     r.save(1, 3, 0.5, "preempt")
     r.ev(4.8, "attempt_exit", attempt=1, kind="saved", detail="ranks saved", step=3, duration_s=4.8)
@@ -266,11 +268,7 @@ def test_a_shutdown_stop_is_not_a_power_stop(tmp_path):
 
 
 def test_hang_and_runs_without_a_supervisor(tmp_path):
-    r = RunDir(tmp_path / "hang")
-    r.ev(0.0, "supervisor_start", pid=1)
-    r.start(0.0, 1, None)
-    r.t = 1.0
-    r.steps(1, 1, 3)  # then silent: hung at step 3 (t = 4.0)
+    r = first_attempt(tmp_path / "hang", 3)  # then silent: hung at step 3 (t = 4.0)
     r.ev(10.0, "hung", attempt=1, step=3, reason="no heartbeat for 6.0 s")
     r.ev(10.0, "state", to="stopping", cause="no heartbeat for 6 s at step 3: hung", attempt=1)
     r.ev(10.5, "attempt_exit", attempt=1, kind="hung", step=3, duration_s=10.5)
@@ -309,11 +307,7 @@ def test_missing_and_empty_files(tmp_path):
 
 
 def test_a_live_run_counts_until_now(tmp_path):
-    r = RunDir(tmp_path)
-    r.ev(0.0, "supervisor_start", pid=os.getpid())
-    r.start(0.0, 1, None)
-    r.t = 1.0
-    r.steps(1, 1, 4)
+    r = first_attempt(tmp_path, 4, pid=os.getpid())
     r.write(junk=False)
     (tmp_path / "supervisor.json").write_text(json.dumps({"state": "running", "pid": os.getpid(), "attempt": 1}))
     acc = account(tmp_path, now=T0 + 5.5)  # live: detected from supervisor.json
