@@ -10,6 +10,11 @@ class SessionError(Exception):
     """Misuse of the session API or a run dir it cannot use; the message names the fix."""
 
 
+class StreamStateError(SessionError):
+    """A stream dataset's state_dict() returned something that is not plain data (bad input,
+    exit 2: a checkpoint stores its state without code, train_core/streams.py)."""
+
+
 class StopTraining(BaseException):
     """Raised out of the loop after the stop checkpoint is committed; the session turns it
     into exit code 75. A BaseException so a user's `except Exception` does not swallow it."""

@@ -7,10 +7,8 @@ index): a resumed worker has not seen the skipped items, so its own RNG state di
 
 Skipping the consumed part of an epoch costs O(batches) index work for map-style datasets
 (the sampler yields indices, no item is loaded; ~0.1 s per 100k batches, bench/bench_save.py).
-An IterableDataset has no sampler: skip_first_batches must READ and discard every consumed
-item, so resume cost grows with the position in the epoch (docs/platform.md: 100k batches
-of 4 at 1 ms/item ~ 470 s). For streams, keep epochs short or make the dataset resumable
-itself.
+A stream (IterableDataset) has no sampler: it resumes from its saved position, or re-reads
+(train_core/streams.py).
 """
 
 from __future__ import annotations
@@ -76,22 +74,15 @@ def check_batch_size(dataloader: Any, micro_batch: int | None) -> None:
         )
 
 
-def start_epoch(dataloader: Any, *, seed: int, epoch: int, rank: int, skip: int) -> None:
+def start_epoch(dataloader: Any, *, seed: int, epoch: int, rank: int) -> None:
     """Seed the sampler and the generator for `epoch`, before its iterator starts (and before
-    skip_first_batches skips `skip` batches of it)."""
+    skip_first_batches skips into it)."""
     if hasattr(dataloader, "set_epoch"):
         dataloader.set_epoch(epoch)  # before skip_first_batches (docs/platform.md)
     generator = getattr(dataloader, "generator", None)
     if isinstance(generator, torch.Generator):
         # the worker base seed is drawn from it when the epoch's iterator starts
         generator.manual_seed((seed * 1_000_003 + epoch * 7919 + rank) % (2**63))
-    if skip:
-        log.info("resuming epoch %d after %d batches", epoch, skip)
-        if isinstance(getattr(dataloader, "dataset", None), torch.utils.data.IterableDataset):
-            log.warning(
-                "IterableDataset: skipping %d batches reads and discards every item "
-                "(resume cost grows with the position in the epoch)", skip
-            )
 
 
 def shutdown_workers(dataloaders: list[Any]) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from train_core.contract import EXIT_INTERNAL, EXIT_SAVED, ExitKind
-from train_core.errors import ResumeFailed, StopTraining
+from train_core.contract import EXIT_INTERNAL, EXIT_SAVED, EXIT_USAGE, ExitKind
+from train_core.errors import ResumeFailed, StopTraining, StreamStateError
 from train_core.faults import is_oom, one_line
 from train_core.runfiles import RunPaths, hold_alive_lock, write_json_atomic
 
@@ -49,6 +49,8 @@ def exit_report_for(exc: BaseException) -> tuple[ExitKind, int, dict[str, Any]]:
     if isinstance(exc, ResumeFailed):
         return ExitKind.RESUME_FAILED, EXIT_INTERNAL, {"checkpoint": exc.checkpoint, "detail": exc.problem,
                                                        "transient": exc.transient}
+    if isinstance(exc, StreamStateError):
+        return ExitKind.BAD_INPUT, EXIT_USAGE, {"detail": str(exc)}
     if is_oom(exc):
         return ExitKind.OOM, EXIT_INTERNAL, {"detail": one_line(exc)}
     code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else EXIT_INTERNAL

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from train_core import staging
+from train_core import staging, streams
 from train_core.collectives import Collectives
 from train_core.errors import CheckpointSaveFailed
 from train_core.faults import one_line
@@ -103,15 +103,16 @@ class Saver:
 
     def save(self, position: Position, trainer_state: dict[str, Any], *, reasons: list[str],
              metrics: Mapping[str, float], ours: Iterable[Checkpoint | None],
-             safe: Checkpoint | None) -> tuple[Checkpoint, bool]:
+             safe: Checkpoint | None, stream_state: dict[str, Any] | None = None) -> tuple[Checkpoint, bool]:
         """(the checkpoint of `position`, whether it is new). `ours`: the checkpoints this run
         resumed from or wrote (one of them at this step is not saved again); `safe`: the one a
-        failure message names as intact. Raises CheckpointSaveFailed on every rank."""
+        failure message names as intact; `stream_state`: the main process's stream position
+        (streams.STATE_FILE). Raises CheckpointSaveFailed on every rank."""
         name = step_dir_name(position.global_step)
         tmp, existing = self._decide(position.global_step, ours)
         if existing is not None:
             return existing, False
-        error = self._write_files(tmp, trainer_state)
+        error = self._write_files(tmp, trainer_state, stream_state=stream_state)
         if not self.collectives.all_ok(not error):  # doubles as the barrier before the commit
             raise self._failed(tmp, _failed_text(f"saving {name}", error), safe)
         result = self.collectives.broadcast(
@@ -124,7 +125,7 @@ class Saver:
 
     def start(self, position: Position, trainer_state: dict[str, Any], *, reasons: list[str],
               metrics: Mapping[str, float], ours: Iterable[Checkpoint | None], safe: Checkpoint | None,
-              after_commit: Any = None) -> tuple[Checkpoint, bool] | None:
+              stream_state: dict[str, Any] | None = None, after_commit: Any = None) -> tuple[Checkpoint, bool] | None:
         """Collective, like save(), but only the copy to memory happens now: None once the
         writer thread has the state (see wait()); (checkpoint, False) when `position` is saved
         already. `after_commit(checkpoint)` runs in rank 0's writer after the commit."""
@@ -149,7 +150,7 @@ class Saver:
             threading.Thread(target=self._writer_loop, args=(self._jobs,), name="trainsup-save", daemon=True).start()
         # the loop goes on changing its metrics dict (and whatever else it shares): the writer gets its own
         position, trainer_state = copy.deepcopy((position, trainer_state))
-        self._jobs.put((job, staged, position, trainer_state, after_commit))
+        self._jobs.put((job, staged, position, trainer_state, stream_state, after_commit))
         return None
 
     def running(self) -> bool:
@@ -201,10 +202,11 @@ class Saver:
             self._write_in_background(*item)
 
     def _write_in_background(self, job: InFlight, staged: staging.Staged, position: Position,
-                             trainer_state: dict[str, Any], after_commit: Any) -> None:
+                             trainer_state: dict[str, Any], stream_state: dict[str, Any] | None,
+                             after_commit: Any) -> None:
         t0 = time.monotonic()
         try:
-            error = self._write_files(job.tmp, trainer_state, staged)
+            error = self._write_files(job.tmp, trainer_state, staged, stream_state)
             if not self.is_main:
                 self._leave_marker(job, error)
             else:
@@ -291,7 +293,8 @@ class Saver:
         except Exception as e:  # noqa: BLE001 - every rank must learn of it, not hang
             return ("fail", one_line(e))
 
-    def _write_files(self, tmp: Path, trainer_state: dict[str, Any], staged: staging.Staged | None = None) -> str:
+    def _write_files(self, tmp: Path, trainer_state: dict[str, Any], staged: staging.Staged | None = None,
+                     stream_state: dict[str, Any] | None = None) -> str:
         """This rank's files into `tmp`, from the live objects or from `staged`: "" when done,
         else what failed (never raises)."""
         try:
@@ -299,6 +302,8 @@ class Saver:
                 tmp.mkdir(parents=True, exist_ok=True)
                 with open(tmp / TRAINER_STATE, "w") as f:
                     json.dump(trainer_state, f, indent=1, sort_keys=True)
+                if stream_state is not None:  # a snapshot nothing changes any more (streams.Tracker)
+                    torch.save(stream_state, tmp / streams.STATE_FILE)
             if staged is not None:
                 staging.write(staged, tmp, is_main=self.is_main, custom_name=custom_file)
                 return ""

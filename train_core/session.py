@@ -54,12 +54,12 @@ from accelerate.data_loader import skip_first_batches
 from accelerate.utils import set_seed
 
 from train_core import costs as costing
-from train_core import loaders, reporting, safeload, saving, settings, staging
+from train_core import loaders, reporting, safeload, saving, settings, staging, streams
 from train_core import resume as resuming
 from train_core.collectives import Collectives
 from train_core.contract import EXIT_SAVED, EXIT_USAGE, ExitKind, write_exit_report
 from train_core.errors import BadCheckpointChoice, CheckpointSaveFailed, ResumeFailed, SessionError, StopTraining
-from train_core.faults import is_oom
+from train_core.faults import is_oom, one_line
 from train_core.fingerprint import ConfigMismatch, canonical_config, fingerprint
 from train_core.heartbeat import RankWatcher
 from train_core.metricslog import METRICS_FILE, MetricsLog
@@ -184,6 +184,9 @@ class TrainSession:
         self._names: list[str] = []
         self._objects: list[Any] = []  # registered: saved and loaded by trainsup, never unpickled freely
         self._prepared_loaders: list[Any] = []
+        self._streams: dict[int, tuple[streams.Tracker | None, str]] = {}  # id(prepared stream loader): (tracker, why none)
+        self._stream: tuple[streams.Tracker | None, str] | None = None  # session.batches' loader, when a stream
+        self._stream_resume: tuple[dict[str, Any] | None, bool] = (None, False)  # (main's state, whether main has one)
         self._skip_batches = 0
         self._epoch_complete = False
         self._at_boundary = True
@@ -225,18 +228,29 @@ class TrainSession:
         return loaders.make_dataloader(dataset, self.micro_batch, shuffle=shuffle, **kwargs)
 
     def prepare(self, *objects: Any) -> Any:
-        """accelerator.prepare(...), after fixing up DataLoaders for exact resume."""
+        """accelerator.prepare(...), after fixing up DataLoaders for exact resume. A stream
+        (IterableDataset) with state_dict()/load_state_dict() gets a loader that resumes without
+        re-reading (streams.py)."""
         for obj in objects:
             if isinstance(obj, torch.utils.data.DataLoader):
                 loaders.fix_dataloader(obj)
-        prepared = self.accelerator.prepare(*objects)
-        seq = prepared if isinstance(prepared, tuple) else (prepared,)
-        for orig, new in zip(objects, seq):
+        is_stream = [isinstance(o, torch.utils.data.DataLoader) and streams.is_stream(o) for o in objects]
+        rest = [o for o, s in zip(objects, is_stream) if not s]
+        done = self.accelerator.prepare(*rest) if rest else ()
+        done = iter(done if isinstance(done, tuple) else (done,))
+        seq = []
+        for orig, stream in zip(objects, is_stream):
+            if stream:
+                new, tracker, why = streams.prepare(self.accelerator, orig)
+                self._streams[id(new)] = (tracker, why)
+            else:
+                new = next(done)
+            seq.append(new)
             if isinstance(orig, torch.utils.data.DataLoader):
                 self._prepared_loaders.append(new)
             elif isinstance(orig, torch.optim.Optimizer):
                 self._optimizers.append(new)
-        return prepared
+        return seq[0] if len(seq) == 1 else tuple(seq)
 
     def register(self, name: str, obj: Any) -> Any:
         """Checkpoint `obj` (anything with state_dict/load_state_dict) under `name`."""
@@ -294,6 +308,9 @@ class TrainSession:
         self._exit_with(exc)
         if isinstance(exc, StopTraining):
             raise SystemExit(EXIT_SAVED) from None
+        if isinstance(exc, streams.StreamStateError):  # bad input: one line and exit 2, as in __enter__
+            print(f"trainsup: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_USAGE) from None
         return False
 
     def _exit_with(self, exc: BaseException, report: tuple[ExitKind, int, dict[str, Any]] | None = None) -> None:
@@ -337,6 +354,9 @@ class TrainSession:
         loaders.fix_dataloader(dataloader)
         if dataloader not in self._prepared_loaders:
             self._prepared_loaders.append(dataloader)
+        if streams.is_stream(dataloader):
+            self._stream = self._streams.get(id(dataloader), (
+                None, "its loader was prepared without a position: prepare it with session.prepare"))
         if self._done():
             return
         self._boundary()  # a stop/pause that arrived during startup acts before any work
@@ -354,14 +374,30 @@ class TrainSession:
             self._epoch_complete = False
 
     def _epoch_loader(self, dataloader: Any) -> Any:
-        """The current epoch's batches; after a resume, without those already consumed."""
-        loaders.start_epoch(dataloader, seed=self.seed, epoch=self.epoch, rank=self.rank, skip=self._skip_batches)
-        if not self._skip_batches:
+        """The current epoch's batches; after a resume, without those already consumed: a map-
+        style dataset skips sampler indices, a stream with a position starts from the saved
+        one, any other stream re-reads them."""
+        loaders.start_epoch(dataloader, seed=self.seed, epoch=self.epoch, rank=self.rank)
+        skip, self._skip_batches = self._skip_batches, 0
+        if self._stream is None:
+            if not skip:
+                return dataloader
+            loader = skip_first_batches(dataloader, skip)
+            self._prepared_loaders.append(loader)  # its workers are shut down on exit too
+            return loader
+        tracker, why = self._stream
+        state, found = self._stream_resume if skip else (None, False)
+        self._stream_resume = (None, False)
+        if tracker is not None:
+            tracker.start_epoch(state)
+            if found:
+                log.info("resuming the stream at its saved position (epoch %d, after %d batches)", self.epoch, skip)
+                return dataloader
+            name = self.resumed_from.path.name if self.resumed_from else "the checkpoint"
+            why = f"{name} has no stream position (written before trainsup saved one): the next checkpoints will"
+        if not skip:
             return dataloader
-        loader = skip_first_batches(dataloader, self._skip_batches)
-        self._prepared_loaders.append(loader)  # its workers are shut down on exit too
-        self._skip_batches = 0
-        return loader
+        return streams.reread(dataloader, skip, items_per_batch=(self.micro_batch or 1) * self.world_size, why=why)
 
     def step_done(self, *, loss: Any = None, tokens: int | None = None, samples: int | None = None) -> None:
         """Call once per micro-batch, after the optimizer step (if any) and your EMA update."""
@@ -598,12 +634,13 @@ class TrainSession:
         t_wait = time.monotonic()
         self._wait_for_save(keep_going="preempt" in reasons or "final" in reasons)
         t0 = time.monotonic()
+        stream_state = self._stream_state()
         position = self._position()
         state = position.trainer_state(best_metric=self.best_metric, best_mode=self.best_mode,
                                        best_value=self.best_value, best_step=self.best_step,
                                        metrics=self.metrics, seed=self.seed)
         args = dict(reasons=reasons, metrics=self._step_metrics, ours=(self.resumed_from, self.last_checkpoint),
-                    safe=self.last_checkpoint or self.resumed_from)
+                    safe=self.last_checkpoint or self.resumed_from, stream_state=stream_state)
         prune = self.is_main and self.retention is not None and self.supervisor_pid is None  # else the supervisor's job
         if background:
             result = self._saver.start(position, state, after_commit=self._prune if prune else None, **args)
@@ -630,6 +667,24 @@ class TrainSession:
             self.watcher.write_status()
         return self.last_checkpoint if result is not None else None
 
+    def _stream_state(self) -> dict[str, Any] | None:
+        """Collective when training on a stream with a position: the main process's stream
+        state; StreamStateError on every rank when it is not plain data."""
+        tracker = self._stream[0] if self._stream is not None else None
+        if tracker is None:
+            return None
+        state, problem = None, ""
+        if self.is_main:
+            try:
+                state = tracker.state()
+                streams.check_plain(state)
+            except streams.StreamStateError as e:
+                problem = str(e)
+        problem = self._collectives.broadcast(problem)
+        if problem:
+            raise streams.StreamStateError(problem)
+        return state
+
     def _prune(self, _committed: Checkpoint | None = None) -> None:
         saving.prune(self.store, self.retention, [self.resumed_from.step] if self.resumed_from else [])
 
@@ -653,8 +708,21 @@ class TrainSession:
         self.best_value, self.best_step = restored.best_value, restored.best_step
         self.metrics = restored.metrics
         self.resumed_from = self.last_checkpoint = Checkpoint(Path(choice.path), self.global_step, choice.manifest)
+        self._load_stream_state(Path(choice.path), choice.manifest)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", Path(choice.path).name, self.global_step,
                  self.epoch, self.batch_in_epoch)
+
+    def _load_stream_state(self, path: Path, manifest: Mapping[str, Any]) -> None:
+        """Collective: the main process reads the checkpoint's stream position, if it has one
+        (a checkpoint without one, or with one it cannot use, resumes a stream by re-reading)."""
+        state = None
+        if self.is_main and streams.STATE_FILE in {f.get("path") for f in manifest.get("files", []) if isinstance(f, dict)}:
+            try:
+                state = streams.load(path, trust=self.trust_pickle)
+            except Exception as e:  # noqa: BLE001 - re-reading is still exact
+                log.warning("%s: its stream position is unusable (%s): a stream resumes by re-reading", path.name,
+                            one_line(e))
+        self._stream_resume = (state, bool(self._collectives.broadcast(state is not None if self.is_main else None)))
 
     # ------------------------------------------------------------------ run-dir files
     def _where(self) -> dict[str, Any]:

@@ -20,6 +20,12 @@ Test hooks (all optional):
                         for saves written in the background)
   --no-marker-rank R    rank R's background writer cannot leave its marker file (an I/O error)
   --prehook-rank R      rank R registers a save_state pre-hook (so it cannot stage its state)
+  --stream KIND         read the data as a stream (IterableDataset, a seeded order per epoch,
+                        each worker its share): "stateful" (state_dict/load_state_dict),
+                        "plain" (no position: resumes by re-reading), "bad" (a state that is
+                        not plain data)
+  --stream-via-accelerate  prepare the stream's loader with accelerator.prepare, not
+                        session.prepare (how a loader was prepared before stream positions)
 On a normal finish rank 0 writes RUN_DIR/final_hash.json (sha256 of model, EMA and optimizer).
 """
 
@@ -71,6 +77,50 @@ def make_data(n: int, seed: int) -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(x, y)
 
 
+class ToyStream(torch.utils.data.IterableDataset):
+    """A dataset read as a stream: a seeded order of its items per epoch, worker w of W reads
+    every W-th item of it. No position: resuming re-reads. READS: (epoch, worker, k) of each
+    item read in this process (in-process tests, no workers)."""
+
+    READS: list = []
+
+    def __init__(self, data: torch.utils.data.Dataset, seed: int):
+        self.data, self.seed, self.epoch, self.pos = data, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = order[worker::workers].tolist()
+        start, self.pos = self.pos, 0
+        for k in range(start, len(order)):
+            self.pos = k + 1  # items handed out, as the state says
+            ToyStream.READS.append((self.epoch, worker, k))
+            yield self.data[order[k]]
+        self.pos = 0
+
+
+class StatefulToyStream(ToyStream):
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+class BadToyStream(StatefulToyStream):
+    def state_dict(self) -> dict:
+        import numpy as np
+
+        return {"epoch": self.epoch, "pos": self.pos, "rng": np.random.default_rng(0)}
+
+
+STREAMS = {"stateful": StatefulToyStream, "plain": ToyStream, "bad": BadToyStream}
+
+
 def state_hash(model, ema, opt) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
@@ -116,11 +166,11 @@ def slow_background_writes(session: TrainSession, seconds: float) -> None:
     saver = session._saver
     real = saver._write_files
 
-    def write_files(tmp, trainer_state, staged=None):
+    def write_files(tmp, trainer_state, staged=None, *rest, **kw):
         if staged is not None:
             print(f"toy: slow background write into {tmp.name} ({seconds:g} s)", flush=True)
             time.sleep(seconds)
-        return real(tmp, trainer_state, staged)
+        return real(tmp, trainer_state, staged, *rest, **kw)
 
     saver._write_files = write_files
 
@@ -153,6 +203,8 @@ def main(argv: list[str] | None = None, on_micro=None) -> int:
     p.add_argument("--write-sleep-s", type=float, default=0.0)
     p.add_argument("--no-marker-rank", type=int)
     p.add_argument("--prehook-rank", type=int)
+    p.add_argument("--stream", choices=sorted(STREAMS))
+    p.add_argument("--stream-via-accelerate", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -181,10 +233,15 @@ def main(argv: list[str] | None = None, on_micro=None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     total = args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) * max(0.05, 1 - s / (total * 2)))
-    train_dl = session.dataloader(make_data(args.dataset_size, 1), shuffle=True, num_workers=args.num_workers,
-                                  persistent_workers=args.persistent_workers)
+    data = make_data(args.dataset_size, 1)
+    train_dl = session.dataloader(STREAMS[args.stream](data, seed=7) if args.stream else data,
+                                  num_workers=args.num_workers, persistent_workers=args.persistent_workers)
     val = make_data(16, 2)
-    model, opt, train_dl, sched = session.prepare(model, opt, train_dl, sched)
+    if args.stream_via_accelerate:
+        model, opt, sched = session.prepare(model, opt, sched)
+        train_dl = accelerator.prepare(train_dl)
+    else:
+        model, opt, train_dl, sched = session.prepare(model, opt, train_dl, sched)
     ema = session.register("ema", EMA(accelerator.unwrap_model(model)))
 
     signal_at = {int(n) for n in args.signal_at.split(",") if n}
