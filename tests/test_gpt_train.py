@@ -30,6 +30,7 @@ from train_core.store import CheckpointStore
 
 TRAIN = REPO / "examples" / "gpt" / "train.py"
 JOB = REPO / "examples" / "gpt" / "job.toml"
+STREAM_JOB = REPO / "examples" / "gpt" / "job-stream.toml"
 LAPTOP_JOB = REPO / "examples" / "gpt" / "job-laptop-gpu.toml"
 CORPUS_FILES = ("argparse.py", "textwrap.py", "shlex.py", "heapq.py", "calendar.py")  # ~180 KB
 MAX_STEPS = 120
@@ -58,19 +59,19 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def run_job(run_dir: Path, args: list[str], log: Path) -> subprocess.Popen:
-    """`trainsup run` on the shipped job file, shortened by --set; its own session (a
+def run_job(run_dir: Path, args: list[str], log: Path, job: Path = JOB) -> subprocess.Popen:
+    """`trainsup run` on a shipped job file, shortened by --set; its own session (a
     scheduler's SIGTERM reaches the supervisor only)."""
     sets = ["--set", f"train.args={json.dumps(args)}", "--set", "restart.backoff_initial_s=0.2",
             "--set", "watch.poll_interval_s=0.1"]
-    return subprocess.Popen([*CLI, "run", str(JOB), "--run-dir", str(run_dir), *sets], env=env(),
+    return subprocess.Popen([*CLI, "run", str(job), "--run-dir", str(run_dir), *sets], env=env(),
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
 
 
 
-def final_checkpoint(run_dir: Path):
+def final_checkpoint(run_dir: Path, step: int = MAX_STEPS):
     ckpt = CheckpointStore(run_dir / "checkpoints").latest_valid(full=True)
-    assert ckpt is not None and ckpt.step == MAX_STEPS and ckpt.reason == "final", ckpt
+    assert ckpt is not None and ckpt.step == step and ckpt.reason == "final", ckpt
     return ckpt
 
 
@@ -138,6 +139,30 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, corpus
     assert set(losses) == {0, 40, 80, 120}, losses
     assert losses[MAX_STEPS] < losses[0] - 0.5, losses  # from ~ln(512) = 6.2: clearly learning
     assert losses == val_losses(uninterrupted["run_dir"])
+
+
+@pytest.mark.slow
+def test_the_stream_job_stopped_mid_epoch_resumes_from_its_position_bit_for_bit(tmp_path, corpus, cache):
+    """examples/gpt/job-stream.toml (TokenStream, 1 DataLoader worker), shortened the same way."""
+    args = [*short_args(corpus, cache), "--stream", "--num-workers", "1", "--max-steps", "70", "--save-every", "0",
+            "--eval-every", "0"]
+    ref = tmp_path / "ref"
+    try:
+        assert finish(run_job(ref / "run", args, tmp_path / "ref.log", STREAM_JOB)) == 0
+        run_dir = tmp_path / "run"
+        sup = run_job(run_dir, args, tmp_path / "sup1.log", STREAM_JOB)
+        wait_for(lambda: (read_json(run_dir / "status.json") or {}).get("step", 0) >= 20, 90, "step 20")
+        os.kill(sup.pid, signal.SIGTERM)
+        assert finish(sup) == 75, (tmp_path / "sup1.log").read_text()[-4000:]
+        stop = CheckpointStore(run_dir / "checkpoints").latest_valid(full=True)
+        assert stop.manifest["batch_in_epoch"] > 0 and not stop.manifest["epoch_complete"], stop.manifest
+        assert "stream_state.pt" in file_hashes(stop)
+        assert finish(run_job(run_dir, args, tmp_path / "sup2.log", STREAM_JOB)) == 0
+    finally:
+        kill_run(ref / "run")
+        kill_run(tmp_path / "run")
+    assert "re-reading" not in (tmp_path / "sup2.log").read_text()
+    assert file_hashes(final_checkpoint(run_dir, 70)) == file_hashes(final_checkpoint(ref / "run", 70))
 
 
 # --------------------------------------------------------------------------- bad input

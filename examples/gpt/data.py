@@ -653,3 +653,48 @@ class TokenBlockDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_data"] = None  # reopened in the worker instead of pickling the tokens
         return state
+
+
+class TokenStream(torch.utils.data.IterableDataset):
+    """The same (x, y) windows as TokenBlockDataset, read as a stream: the token file cut into
+    shards of `shard_blocks` windows (as a corpus of many files would be), the shards in a
+    seeded order per epoch, each shard read front to back; DataLoader worker w of W reads
+    every W-th shard of that order.
+
+    It can say where it is (state_dict / load_state_dict: the epoch, and the shard and window
+    reached, per worker), so a resumed run starts at the next window without reading the
+    consumed ones (train_core/streams.py). The state is plain data: numbers in a dict."""
+
+    def __init__(self, path: str | os.PathLike, block_size: int, *, seed: int, shard_blocks: int = 64):
+        self.blocks = TokenBlockDataset(path, block_size)
+        self.seed, self.shard_blocks = seed, shard_blocks
+        self.epoch, self.shard, self.window = 0, 0, 0  # where the next window comes from (this worker)
+
+    def __len__(self) -> int:  # windows per epoch, over all workers
+        return len(self.blocks)
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate calls it at each epoch start
+        if epoch != self.epoch:
+            self.epoch, self.shard, self.window = epoch, 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "shard": self.shard, "window": self.window}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.shard, self.window = int(state["epoch"]), int(state["shard"]), int(state["window"])
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        n_shards = -(-len(self.blocks) // self.shard_blocks)
+        order = torch.randperm(n_shards, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        mine = order[worker::workers]
+        while self.shard < len(mine):
+            first = mine[self.shard] * self.shard_blocks
+            n = min(self.shard_blocks, len(self.blocks) - first)
+            while self.window < n:
+                i = first + self.window
+                self.window += 1  # the state counts windows handed out
+                yield self.blocks[i]
+            self.shard, self.window = self.shard + 1, 0
+        self.shard = 0  # the epoch is read: the next one starts at its first shard

@@ -41,7 +41,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DataLoaderConfiguration  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from examples.gpt.data import DataError, TokenBlockDataset, load_tokenizer, prepare_data  # noqa: E402
+from examples.gpt.data import DataError, TokenBlockDataset, TokenStream, load_tokenizer, prepare_data  # noqa: E402
 from examples.gpt.model import EMA, GPT, GPTConfig  # noqa: E402
 from train_core import TrainSession  # noqa: E402
 from train_core.contract import report_bad_input  # noqa: E402
@@ -100,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--tensorboard", choices=("auto", "on", "off"), default="auto",
       help="curves under RUN_DIR/tensorboard through accelerate's tracker (auto: when the package is installed)")
     a("--num-workers", type=int, default=0, help="DataLoader workers (memory-mapped tokens: 0 is usually enough)")
+    a("--stream", action="store_true", help="read the training windows as a stream (shards in a seeded order, "
+      "an IterableDataset that resumes from its position) instead of a shuffled map-style dataset")
     a("--seed", type=int, default=1337)
     a("--run-dir", default=None, help="default: $TRAINSUP_RUN_DIR (set by trainsup run), else ./runs/train")
     a("--allow-change", action="append", default=[], metavar="KEY",
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"block size larger than the data: --block-size {args.block_size} needs "
                         f"{args.block_size + 1} tokens but the {split} split holds {n_tokens}; use "
                         f"--block-size <= {n_tokens - 1}{more} or a larger corpus")
-    train_set = TokenBlockDataset(data.train_path, args.block_size)
+    train_set = (TokenStream(data.train_path, args.block_size, seed=args.seed) if args.stream
+                 else TokenBlockDataset(data.train_path, args.block_size))
     val_set = TokenBlockDataset(data.val_path, args.block_size)
 
     # ---- the session: seeds every RNG (before the model is built), resumes in `with session:`
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {
         "model": dataclasses.asdict(model_cfg),
         "data": {"key": data.key, "corpus": str(args.corpus or "stdlib"), "val_fraction": args.val_fraction,
-                 "max_corpus_bytes": args.max_corpus_bytes},
+                 "max_corpus_bytes": args.max_corpus_bytes, **({"stream": True} if args.stream else {})},
         "optim": {"lr": args.lr, "min_lr": min_lr, "warmup_steps": args.warmup_steps, "decay_steps": decay_steps,
                   "weight_decay": args.weight_decay, "betas": [args.beta1, args.beta2], "grad_clip": args.grad_clip},
         "ema_decay": args.ema_decay,
@@ -269,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     # here once per optimizer step, and checkpointed through session.register like any state.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: get_lr(
         step, lr=args.lr, min_lr=min_lr, warmup_steps=args.warmup_steps, decay_steps=decay_steps) / args.lr)
-    # drop_last: every micro-batch has the same shape (steady tokens/s, no tiny last batch)
-    train_loader = session.dataloader(train_set, shuffle=True, drop_last=True, num_workers=args.num_workers)
+    # drop_last: every micro-batch has the same shape (steady tokens/s, no tiny last batch);
+    # a map-style dataset is shuffled by the seeded sampler, a stream is read in its own order
+    train_loader = session.dataloader(train_set, drop_last=True, num_workers=args.num_workers)
     model, optimizer, train_loader = session.prepare(model, optimizer, train_loader)
     raw_model = accelerator.unwrap_model(model)  # the GPT itself: for the EMA, eval and sampling
     ema = session.register("ema", EMA(raw_model, decay=args.ema_decay))
