@@ -30,8 +30,9 @@ the model is built (the constructor does it), the seedable sampler, a dedicated 
 generator reseeded per epoch, set_epoch every epoch and before skip_first_batches, and saving
 only at an optimizer-step boundary (accumulated gradients are never saved).
 
-Randomness inside a Dataset, and what skipping into an epoch costs (an IterableDataset reads
-every consumed item again): train_core/loaders.py.
+Randomness inside a Dataset, and what skipping into an epoch costs: train_core/loaders.py. A
+stream (IterableDataset) prepared with session.prepare resumes from its saved position when it
+has state_dict()/load_state_dict(), else re-reads: train_core/streams.py.
 
 The session is the loop and its lifecycle; the rest is in train_core: settings (arguments and
 environment), loaders, collectives, position (what a checkpoint records), saving, resume,
@@ -224,7 +225,8 @@ class TrainSession:
         """A DataLoader set up for exact resume: batch_size = session.micro_batch, a dedicated
         generator, workers that ignore stop signals. kwargs go to torch's DataLoader. `shuffle`:
         by default a map-style dataset is shuffled (by the seeded sampler) and a stream
-        (IterableDataset) is read in its own order."""
+        (IterableDataset) is read in its own order; session.prepare makes a stream's loader
+        resumable from its position (train_core/streams.py)."""
         return loaders.make_dataloader(dataset, self.micro_batch, shuffle=shuffle, **kwargs)
 
     def prepare(self, *objects: Any) -> Any:
