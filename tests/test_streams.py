@@ -108,9 +108,10 @@ def test_resume_from_a_background_interval_save_of_a_stream(tmp_path, refs, monk
     assert code == 0 and final_hash(tmp_path) == refs("stateful", 2)
 
 
-def test_a_state_that_is_not_plain_data_is_refused_at_the_save(tmp_path, capsys):
-    code, rep = run(tmp_path, "--stream", "bad", "--save-every", "4")
-    assert (code, rep["kind"], rep["code"]) == (2, "bad_input", 2)
+@pytest.mark.parametrize("save_every,step", [("4", 4), ("0", 24)])  # an interval save; the final save on the way out
+def test_a_state_that_is_not_plain_data_is_refused_at_the_save(tmp_path, capsys, save_every, step):
+    code, rep = run(tmp_path, "--stream", "bad", "--save-every", save_every, "--eval-every", "0")
+    assert (code, rep["kind"], rep["code"], rep["step"]) == (2, "bad_input", 2, step)
     assert "the stream's state_dict()['rng'] is a numpy.random._generator.Generator" in rep["detail"]
     assert "rng.bit_generator.state" in rep["detail"]
     assert "state_dict()['rng']" in capsys.readouterr().err

@@ -165,11 +165,15 @@ def test_runner_survives_an_error_from_a_scan(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory) -> Path:
-    """A plain toy run with two checkpoints: step 2 (interval) and step 4 (final)."""
+    """A plain toy run with two checkpoints: step 2 (interval) and step 4 (final); its data is
+    a stream with a position, so the checkpoints hold every file a checkpoint can hold."""
     run_dir = tmp_path_factory.mktemp("toy") / "run"
-    r = toy(run_dir, "--steps", "4", "--save-every", "2")
+    r = toy(run_dir, *STREAM, "--steps", "4", "--save-every", "2")
     assert r.returncode == 0, r.stderr
     return run_dir
+
+
+STREAM = ("--stream", "stateful")
 
 
 def _pickled_files(ckpt: Path) -> list[str]:
@@ -180,7 +184,8 @@ def _pickled_files(ckpt: Path) -> list[str]:
 def test_a_checkpoint_holds_these_pickled_files(toy_run):
     # The planted-payload test below attacks every pickled file it finds; this names today's.
     files = _pickled_files(toy_run / "checkpoints" / "step-00000004")
-    assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"} <= set(files)
+    assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
+            "stream_state.pt"} <= set(files)
 
 
 @pytest.mark.slow
@@ -207,10 +212,10 @@ def test_planted_payload_never_runs(toy_run, tmp_path):
         with pytest.raises(Exception, match="Weights only load failed"):
             safeload.load_torch_file(ckpt / victim)
         # asked for by name: exit 2 naming the file; asked for "auto": the previous valid checkpoint
-        r = toy(run_dir, "--steps", "4", "--save-every", "2", env={"TRAINSUP_RESUME_FROM": str(ckpt)})
+        r = toy(run_dir, *STREAM, "--steps", "4", "--save-every", "2", env={"TRAINSUP_RESUME_FROM": str(ckpt)})
         assert r.returncode == 2 and victim in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert read_json(run_dir / "ranks" / "exit-0.json")["kind"] == "bad_input"
-        r = toy(run_dir, "--steps", "4", "--save-every", "2", env={"TOY_LOG": "INFO"})
+        r = toy(run_dir, *STREAM, "--steps", "4", "--save-every", "2", env={"TOY_LOG": "INFO"})
         assert r.returncode == 0, r.stderr
         assert "resumed from step-00000002" in r.stderr
         assert not marker.exists(), victim
@@ -230,7 +235,7 @@ def test_supervisor_falls_back_past_a_planted_checkpoint(toy_run, tmp_path, clea
     marker = tmp_path / "PWNED"
     (ckpt / "random_states_0.pkl").write_bytes(payload(marker))
     rehash(ckpt)
-    job = write_job(tmp_path, ["--steps", "6", "--save-every", "2"], script=TOY, run_dir=run_dir)
+    job = write_job(tmp_path, [*STREAM, "--steps", "6", "--save-every", "2"], script=TOY, run_dir=run_dir)
     sup = start_supervisor(job, log=tmp_path / "sup.log")
     cleanup[1].append(sup)
     assert finish(sup, 120) == 0, (tmp_path / "sup.log").read_text()[-3000:]

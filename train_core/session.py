@@ -300,6 +300,7 @@ class TrainSession:
                     self._wait_for_save()
             except BaseException as e:
                 self._exit_with(e)
+                self._refuse_bad_stream(e)
                 raise
             self._state = "finished"
             self._saver.close(0.0)  # nothing is in flight now: this ends the writer thread
@@ -310,10 +311,15 @@ class TrainSession:
         self._exit_with(exc)
         if isinstance(exc, StopTraining):
             raise SystemExit(EXIT_SAVED) from None
-        if isinstance(exc, streams.StreamStateError):  # bad input: one line and exit 2, as in __enter__
+        self._refuse_bad_stream(exc)
+        return False
+
+    @staticmethod
+    def _refuse_bad_stream(exc: BaseException) -> None:
+        """A stream state that is not plain data is bad input: one line and exit 2, as in __enter__."""
+        if isinstance(exc, streams.StreamStateError):
             print(f"trainsup: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_USAGE) from None
-        return False
 
     def _exit_with(self, exc: BaseException, report: tuple[ExitKind, int, dict[str, Any]] | None = None) -> None:
         """Write ranks/exit-R.json for `exc` (`report`: its kind, code and fields, when not the
