@@ -57,7 +57,7 @@ from supervisor.events import read_events
 from train_core.checkpoint import STEP_RE
 from train_core.contract import pid_alive
 from train_core.metricslog import METRICS_FILE, iter_metrics
-from train_core.runfiles import RunPaths, is_number, read_json
+from train_core.runfiles import RunPaths, is_number, paths_here, read_json
 
 CATEGORIES = ("training", "saving", "exit", "restart", "recomputed", "paused", "waiting", "asleep")
 LOST = ("saving", "exit", "restart", "recomputed", "paused", "waiting")
@@ -224,7 +224,7 @@ def account(run_dir: str | os.PathLike, *, now: float | None = None, live: bool 
     """The accounting of `run_dir` as of `now` (default: the time now). `live`: whether a
     supervisor of the run still runs (default: supervisor.json's pid is alive and its state not
     final); a live run's time runs until `now`."""
-    paths = RunPaths(Path(run_dir))
+    paths = paths_here(Path(run_dir))
     wall_now = time.time() if now is None else now
     sup = read_json(paths.supervisor) or {}
     if live is None:

@@ -34,7 +34,7 @@ from supervisor import rundir
 from supervisor.errors import UserError
 from train_core.checkpoint import MIXED_PRECISIONS
 from train_core.retention import RetentionError, RetentionPolicy
-from train_core.runfiles import ENV_SAVE_SIGNAL
+from train_core.runfiles import ENV_SAVE_SIGNAL, RunPaths
 from train_core.signals import DEFAULT_SAVE_SIGNAL, parse_signal
 
 
@@ -83,6 +83,7 @@ class LaunchConfig:
     config_file: Path | None = None  # an `accelerate config` YAML, absolute
     extra_args: tuple[str, ...] = ()  # passed to accelerate launch before the script
     direct: bool = True  # one rank, no config_file/extra_args: start it without the launcher (runner/launch.py)
+    join_timeout_s: float = 300.0  # several machines: how long a node waits at start for the others (runner/nodes.py)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,15 @@ class JobConfig:
     # A run dir deliberately shared with the group (a cluster project dir): group members may
     # write it and own files in it. Off: anything writable by others is refused (exit 2).
     group_shared: bool = False
+
+    @property
+    def node(self) -> int | None:
+        """This node's machine rank when the job runs on several machines (its files: RunPaths.node)."""
+        return self.launch.machine_rank if self.launch.num_machines > 1 else None
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(self.run_dir, node=self.node)
 
 
 def save_signal_of(job: JobConfig) -> int:
@@ -461,7 +471,7 @@ def _read_train(t: Section, check_script: bool) -> TrainConfig:
 def _read_launch(s: Section) -> LaunchConfig:
     launch = LaunchConfig(
         launcher=s.str("launcher", "accelerate", choices=LAUNCHERS),
-        num_processes=s.int("num_processes", None, low=1, hint=" (ranks on this machine)"),
+        num_processes=s.int("num_processes", None, low=1, hint=" (ranks of all machines together)"),
         mixed_precision=s.str("mixed_precision", None, choices=MIXED_PRECISION,
                               hint=' ("auto": bf16 only where the hardware has it natively)'),
         cpu=s.bool("cpu", False),
@@ -472,10 +482,21 @@ def _read_launch(s: Section) -> LaunchConfig:
         config_file=s.path("config_file", None),
         extra_args=s.str_list("extra_args"),
         direct=s.bool("direct", True),
+        join_timeout_s=s.float("join_timeout_s", 300.0, low=1.0),
     )
     s.done()
     if launch.machine_rank >= launch.num_machines:
         s.fail(f"must be < num_machines ({launch.num_machines}), got {launch.machine_rank}", "machine_rank")
+    if launch.num_machines > 1:
+        if launch.launcher != "accelerate":
+            s.fail('must be "accelerate" for num_machines > 1 (its rendezvous joins the machines)', "launcher")
+        for key in ("main_process_ip", "main_process_port"):
+            if getattr(launch, key) is None:
+                s.fail(f"is required when num_machines > 1: every node must meet machine rank 0 at the same "
+                       f"address (its IP or host name, and a free TCP port the same on every node)", key)
+        if launch.num_processes is not None and launch.num_processes % launch.num_machines:
+            s.fail(f"= {launch.num_processes} is the ranks of all machines together (accelerate's meaning): it must "
+                   f"be a multiple of num_machines = {launch.num_machines}", "num_processes")
     if launch.config_file is not None and not launch.config_file.is_file():
         raise JobConfigError(f"[launch] config_file: file not found: {launch.config_file} "
                              "(write one with `accelerate config --config_file PATH`)")

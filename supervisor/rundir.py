@@ -37,7 +37,7 @@ SHARED_UMASK = 0o007  # group_shared: the group may read and write, others nothi
 # also holds other things (`--run-dir .`) is neither refused nor changed because of them.
 OWN_ENTRIES = ("checkpoints", "ranks", "logs", "control.json", "status.json", "supervisor.json", "events.jsonl",
                "job.lock", "job.lock.pid", "costs.json", "failures.json", "metrics.jsonl", "report.html", "report.png",
-               "tensorboard")
+               "tensorboard", "nodes")
 
 
 RUN_DIR_FIX = "use a dedicated directory such as runs/NAME"
@@ -240,14 +240,16 @@ def _old_rank_pids(paths: runfiles.RunPaths) -> list[int]:
     return pids
 
 
-def acquire_run_lock(run_dir: Path, *, group_shared: bool = False) -> filelock.BaseFileLock:
-    """One supervisor per run dir; LockedError (exit 4) names the PID holding it.
+def acquire_run_lock(run_dir: Path, *, node: int | None = None, group_shared: bool = False) -> filelock.BaseFileLock:
+    """One supervisor per run dir, or per machine rank (`node`) of a run on several machines;
+    LockedError (exit 4) names the PID holding it.
 
     First the run dir is made private, or refused when someone else could have written it
     (secure_run_dir, exit 2). The lock and pid files are never followed as symlinks."""
     for note in secure_run_dir(run_dir, group_shared=group_shared):
         log.info("%s", note)
-    paths = runfiles.RunPaths(run_dir)
+    paths = runfiles.RunPaths(run_dir, node=node)
+    paths.node_dir.mkdir(parents=True, exist_ok=True, mode=0o770 if group_shared else 0o700)
     os.close(open_nofollow(paths.lock, os.O_RDONLY | os.O_CREAT))  # filelock would follow a link
     lock = filelock.FileLock(str(paths.lock), timeout=0)
     pid_file = Path(str(paths.lock) + ".pid")
@@ -259,6 +261,10 @@ def acquire_run_lock(run_dir: Path, *, group_shared: bool = False) -> filelock.B
             holder = f"pid {int(pid_file.read_text().strip())}"
         except (OSError, ValueError):
             pass
+        if node is not None:
+            raise LockedError(f"machine rank {node} of run dir {run_dir} is already supervised ({holder}, "
+                              f"{paths.lock}): each node needs its own [launch] machine_rank; stop that "
+                              "supervisor first or give this node its own machine rank") from None
         raise LockedError(f"run dir {run_dir} is locked by another supervisor ({holder}); "
                           "stop it first (trainsup status shows it) or use another --run-dir") from None
     write_pid_file(pid_file, os.getpid())

@@ -61,7 +61,7 @@ def test_direct_env_is_what_accelerate_launch_sets(tmp_path, launch, base, monke
     {"direct": False},
     {"num_processes": 2},
     {"extra_args": ["--debug"]},
-    {"num_machines": 2, "machine_rank": 0, "main_process_ip": "10.0.0.1", "main_process_port": 29500},
+    {"num_machines": 2, "num_processes": 2, "machine_rank": 0, "main_process_ip": "10.0.0.1", "main_process_port": 29500},
 ])
 def test_launcher_kept_where_only_accelerate_knows_what_to_do(tmp_path, launch):
     job = load_job(write_job(tmp_path, [], launch=launch))
@@ -93,3 +93,19 @@ def test_rank_sees_the_same_accelerator_either_way(tmp_path):
     assert seen[True] == seen[False]
     assert seen[True]["mixed_precision"] == "bf16" and seen[True]["device"] == "cpu"
     assert seen[True]["torch_threads"] == 1
+
+
+def test_a_node_of_several_machines_launches_its_share_at_the_job_s_port(tmp_path):
+    job = load_job(write_job(tmp_path, [], launch={"num_machines": 2, "num_processes": 4, "machine_rank": 1,
+                                                   "main_process_ip": "10.0.0.1", "main_process_port": 29500}))
+    plan = L.build_launch(job, attempt=3, resume_from=None, supervisor_pid=1, base_env={"TRAINSUP_MACHINE_RANK": "7"},
+                          port=29999)
+    argv = list(plan.argv)
+    assert plan.world_size_local == 2  # accelerate's --num_processes 4 counts both machines
+    assert argv[argv.index("--machine_rank") + 1] == "1" and argv[argv.index("--num_processes") + 1] == "4"
+    assert argv[argv.index("--main_process_port") + 1] == "29500"  # the job's, the same on every node
+    assert plan.env["TRAINSUP_MACHINE_RANK"] == "1"
+    assert argv[argv.index("--log_dir") + 1] == str(tmp_path / "run" / "nodes" / "node-1" / "logs" / "attempt-3-ranks")
+    one = L.build_launch(load_job(write_job(tmp_path, [])), attempt=1, resume_from=None, supervisor_pid=1,
+                         base_env={"TRAINSUP_MACHINE_RANK": "7"})
+    assert "TRAINSUP_MACHINE_RANK" not in one.env

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from train_core.runfiles import ENV_ATTEMPT, ENV_RUN_DIR, RunPaths, read_json, write_json_atomic
+from train_core.runfiles import ENV_ATTEMPT, ENV_RUN_DIR, RunPaths, node_from_env, read_json, write_json_atomic
 
 # Exit codes of a rank and of `trainsup run`.
 EXIT_OK = 0
@@ -63,7 +63,7 @@ def report_bad_input(message: str) -> int:
     exit with. Call it after printing the message."""
     run_dir = os.environ.get(ENV_RUN_DIR)
     if run_dir:
-        write_exit_report(RunPaths(Path(run_dir)), int(os.environ.get("RANK") or 0),
+        write_exit_report(RunPaths(Path(run_dir), node=node_from_env()), int(os.environ.get("RANK") or 0),
                           int(os.environ.get(ENV_ATTEMPT) or 0), ExitKind.BAD_INPUT, EXIT_USAGE,
                           step=-1, detail=message)
     return EXIT_USAGE

@@ -20,7 +20,7 @@ from train_core.runfiles import RunPaths, hold_alive_lock, write_json_atomic
 def announce_rank(paths: RunPaths, *, rank: int, local_rank: int, world_size: int, attempt: int) -> int:
     """Hold alive.lock (returns its fd, held until the process exits), drop an earlier
     attempt's exit report, write ranks/rank-R.json."""
-    paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths.node_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     alive_fd = hold_alive_lock(paths)
     try:
         os.unlink(paths.exit_file(rank))  # a report from an earlier attempt is stale

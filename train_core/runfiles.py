@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +41,7 @@ ENV_GROUP_SHARED = "TRAINSUP_GROUP_SHARED"  # "1": the job's run dir is shared w
 ENV_STOP_WINDOW_S = "TRAINSUP_STOP_WINDOW_S"  # a rank whose supervisor died exits after this long, saved or not
 ENV_AUTO_INTERVAL = "TRAINSUP_AUTO_INTERVAL"  # interval_steps "auto": JSON {expected_mtbf_s, min_steps, max_s, failures, uptime_s}
 ENV_STOP_BUDGET_S = "TRAINSUP_STOP_BUDGET_S"  # a stop has this long to save (no save starts that cannot finish)
+ENV_MACHINE_RANK = "TRAINSUP_MACHINE_RANK"  # several machines: this node's machine rank (its files: RUN_DIR/nodes/node-M)
 
 NO_FLOCK_ERRNOS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)  # e.g. Lustre without -o flock, NFS without lockd
 
@@ -120,6 +122,23 @@ def json_number(obj: Mapping[str, Any], key: str) -> float | None:
     return float(value) if is_number(value) and value >= 0 else None
 
 
+def paths_here(run_dir: Path) -> RunPaths:
+    """The files a command that reads a run (status, report) shows: for a run on several
+    machines, the node of this host (node.json's host), else the lowest machine rank."""
+    nodes = run_dir / "nodes"
+    if (run_dir / "supervisor.json").exists() or not nodes.is_dir():
+        return RunPaths(run_dir)
+    ranks = sorted(int(p.name[5:]) for p in nodes.glob("node-*") if p.name[5:].isdigit())
+    here = [m for m in ranks if (read_json(nodes / f"node-{m}" / "node.json") or {}).get("host") == socket.gethostname()]
+    return RunPaths(run_dir, node=(here or ranks or [None])[0])
+
+
+def node_from_env() -> int | None:
+    """This rank's machine rank when the supervisor runs it on several machines, else None."""
+    value = os.environ.get(ENV_MACHINE_RANK, "")
+    return int(value) if value.isdigit() else None
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
     """The JSON object in `path`, or None when the file is missing, unreadable (a directory, no
     permission) or not a JSON object (including one nested too deep to parse)."""
@@ -133,7 +152,16 @@ def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class RunPaths:
+    """Where a run's files are. `node`: the machine rank of a run on several machines, whose
+    supervisors share RUN_DIR: each node's own files (lock, heartbeat, control, events, logs,
+    ranks) live in RUN_DIR/nodes/node-M; checkpoints, costs.json and metrics.jsonl are shared."""
+
     run_dir: Path
+    node: int | None = None
+
+    @property
+    def node_dir(self) -> Path:
+        return self.run_dir if self.node is None else self.run_dir / "nodes" / f"node-{self.node}"
 
     @property
     def checkpoints(self) -> Path:
@@ -141,15 +169,15 @@ class RunPaths:
 
     @property
     def status(self) -> Path:
-        return self.run_dir / "status.json"
+        return self.node_dir / "status.json"
 
     @property
     def supervisor(self) -> Path:
-        return self.run_dir / "supervisor.json"
+        return self.node_dir / "supervisor.json"
 
     @property
     def failures(self) -> Path:
-        return self.run_dir / "failures.json"
+        return self.node_dir / "failures.json"
 
     @property
     def costs(self) -> Path:
@@ -157,23 +185,23 @@ class RunPaths:
 
     @property
     def control(self) -> Path:
-        return self.run_dir / "control.json"
+        return self.node_dir / "control.json"
 
     @property
     def events(self) -> Path:
-        return self.run_dir / "events.jsonl"
+        return self.node_dir / "events.jsonl"
 
     @property
     def logs(self) -> Path:
-        return self.run_dir / "logs"
+        return self.node_dir / "logs"
 
     @property
     def ranks(self) -> Path:
-        return self.run_dir / "ranks"
+        return self.node_dir / "ranks"
 
     @property
     def lock(self) -> Path:
-        return self.run_dir / "job.lock"
+        return self.node_dir / "job.lock"
 
     @property
     def alive_lock(self) -> Path:

@@ -69,7 +69,7 @@ from train_core.position import Position, samples_in_epoch
 from train_core.reporting import LossMean, RateMeter, announce_rank, exit_report_for, losses_to_floats
 from train_core.retention import RetentionPolicy
 from train_core.runfiles import (ENV_BACKGROUND_SAVES, ENV_GROUP_SHARED, ENV_STOP_BUDGET_S, ENV_STOP_WINDOW_S, RunPaths,
-                                 is_number)
+                                 is_number, node_from_env)
 from train_core.saving import TRAINER_STATE, custom_file
 from train_core.settings import default_run_dir
 from train_core.signals import StopFlag
@@ -164,7 +164,8 @@ class TrainSession:
         self.is_main = self.accelerator.is_main_process
         self._collectives = Collectives(self.world_size, self.accelerator.device)
         self.attempt = settings.attempt()
-        self.paths = RunPaths(Path(run_dir) if run_dir is not None else default_run_dir())
+        # on several machines each node's files are its own (RunPaths.node); checkpoints are shared
+        self.paths = RunPaths(Path(run_dir) if run_dir is not None else default_run_dir(), node=node_from_env())
         self.trust_pickle = safeload.trust_pickle_from_env()
         self.store = settings.checkpoint_store(self.paths, trust_pickle=self.trust_pickle)
         self.supervisor_pid = settings.supervisor_pid()
@@ -213,7 +214,8 @@ class TrainSession:
         self.watcher = RankWatcher(
             self.paths,
             self.flag,
-            status_fn=self._status if self.is_main else None,
+            # each node's first rank: its supervisor's heartbeat (one node, one writer: rank 0)
+            status_fn=self._status if self.accelerator.local_process_index == 0 else None,
             supervisor_pid=self.supervisor_pid,
             orphan_deadline_s=settings.env_float(ENV_STOP_WINDOW_S),
         )

@@ -50,12 +50,10 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
     from supervisor.runner.watchers import build_watchers
     from supervisor.systemd.sdnotify import SD_ENV_VARS, SdNotifier, SdNotifyReporter
 
-    from train_core.runfiles import RunPaths
-
     job = load_job(job_file, overrides, run_dir=run_dir)
     # Before anything is written into it: private, or refused (exit 2) when others could write it.
     notes = secure_run_dir(job.run_dir, group_shared=job.group_shared)
-    with supervisor_output(RunPaths(job.run_dir).logs, notes) as console:
+    with supervisor_output(job.paths.logs, notes) as console:
         # Under systemd (Type=notify): READY/STATUS/WATCHDOG/STOPPING from the loop; the ranks
         # must not inherit the socket, so the variables leave this process's environment.
         notifier = SdNotifier()

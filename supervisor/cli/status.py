@@ -32,10 +32,10 @@ def supervisor_running(sup: dict[str, Any]) -> bool:
 
 def collect_status(run_dir: Path) -> dict[str, Any]:
     from supervisor.events import read_events
-    from train_core.runfiles import RunPaths, read_json
+    from train_core.runfiles import paths_here, read_json
     from train_core.store import CheckpointStore
 
-    paths = RunPaths(run_dir)
+    paths = paths_here(run_dir)
     sup = read_json(paths.supervisor) or {}
     hb = read_json(paths.status) or {}
     running = supervisor_running(sup)
@@ -271,9 +271,9 @@ def format_gpu_status(ws: dict[str, Any]) -> list[str]:
 def watch_snapshot(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     """What --watch shows, from the small files only (supervisor.json, status.json, one
     manifest and the tail of metrics.jsonl): cheap enough for every second."""
-    from train_core.runfiles import RunPaths, read_json
+    from train_core.runfiles import paths_here, read_json
 
-    paths = RunPaths(run_dir)
+    paths = paths_here(run_dir)
     now = time.time() if now is None else now
     sup = read_json(paths.supervisor) or {}
     hb = read_json(paths.status) or {}

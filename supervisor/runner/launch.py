@@ -41,7 +41,8 @@ class LaunchPlan:
 
 
 def needs_port(job: JobConfig) -> bool:
-    """Several ranks rendezvous on a TCP port: the supervisor picks a free one per attempt."""
+    """Several ranks rendezvous on a TCP port: the supervisor picks a free one per attempt (on
+    several machines the job names it: every node must use the same)."""
     lc = job.launch
     return lc.launcher == "accelerate" and ((lc.num_processes or 1) > 1 or lc.num_machines > 1)
 
@@ -105,7 +106,7 @@ def attempt_environment(job: JobConfig, *, attempt: int, resume_from: Path | Non
                         base_env: Mapping[str, str], attempt_env: Mapping[str, str] | None) -> dict[str, str]:
     """The ranks' environment: the caller's, [train] env, the attempt's, and the contract's
     TRAINSUP_* variables (docs/contract.md)."""
-    paths = runfiles.RunPaths(job.run_dir)
+    paths = job.paths
     env = dict(base_env)
     env.update(job.train.env)
     env.update(attempt_env or {})
@@ -120,6 +121,9 @@ def attempt_environment(job: JobConfig, *, attempt: int, resume_from: Path | Non
     env[runfiles.ENV_SUPERVISOR_PID] = str(supervisor_pid)
     env[runfiles.ENV_STOP_WINDOW_S] = str(stop_window_s(job.stop.grace_s, job.stop.kill_after_s))
     env[runfiles.ENV_STOP_BUDGET_S] = str(stop_budget_s(job))
+    env.pop(runfiles.ENV_MACHINE_RANK, None)
+    if job.node is not None:
+        env[runfiles.ENV_MACHINE_RANK] = str(job.node)
     env.pop(runfiles.ENV_GROUP_SHARED, None)
     if job.group_shared:
         env[runfiles.ENV_GROUP_SHARED] = "1"
@@ -182,5 +186,6 @@ def _accelerate_argv(job: JobConfig, env: dict[str, str], *, attempt: int,
             argv += ["--main_process_port", str(lc.main_process_port or port)]
         # torch elastic prefixes each line with "[rankN]:" when tee'ing (rank prefix in the log)
         argv += ["--tee", "3", "--role", "rank", "--log_dir",
-                 str(runfiles.RunPaths(job.run_dir).logs / f"attempt-{attempt}-ranks")]
-    return argv + list(lc.extra_args), nproc or 1, multi
+                 str(job.paths.logs / f"attempt-{attempt}-ranks")]
+    # accelerate's --num_processes counts the ranks of every machine; this launcher starts its share
+    return argv + list(lc.extra_args), (nproc or 1) // lc.num_machines, multi

@@ -27,10 +27,10 @@ from typing import Any, Callable, Sequence
 from supervisor import precision, rundir
 from supervisor.config import JobConfig, save_signal_of
 from supervisor.events import EventLog
-from supervisor.runner import history, launch, oom, report
+from supervisor.runner import history, launch, nodes, oom, report
 from supervisor.runner.attempt import Attempt
 from supervisor.runner.checkpoints import RunCheckpoints
-from supervisor.runner.inbox import SignalInbox
+from supervisor.runner.inbox import STOP_SIGNALS, SignalInbox
 from supervisor.runner.policy import (
     AttemptResult,
     LauncherStatus,
@@ -78,13 +78,14 @@ class Runner(Stopping, CostWatch):
         self.job = job
         self.probe = probe or precision.Probe()  # where [launch] mixed_precision "auto" reads the hardware
         self.save_signal = save_signal_of(job)  # exit 2 now for a bad TRAINSUP_SAVE_SIGNAL
-        self.paths = runfiles.RunPaths(job.run_dir)
+        self.paths = job.paths
         self.ckpts = RunCheckpoints(CheckpointStore(self.paths.checkpoints, trust_pickle=safeload.trust_pickle_from_env(
             {**os.environ, **job.train.env})))
         self.watchers = WatcherSet(watchers, self._watcher_failed)
         self.reporter = reporter or report.NullReporter()
         self.procs = procs or OsProcesses(subreaper=subreaper)
         self.clock, self.wall_clock, self.sleep, self.rand = clock, wall_clock, sleep, rand
+        self.started_wall = wall_clock()  # several machines: what a node's files of this start are newer than
         self.inbox = SignalInbox(sleep)
         self.install_signals = install_signals
         # a standby while an attempt trains only where it can get its CPU priority back after
@@ -128,13 +129,16 @@ class Runner(Stopping, CostWatch):
         return self.ckpts.newest_step
 
     def run(self) -> int:
-        lock = rundir.acquire_run_lock(self.job.run_dir, group_shared=self.job.group_shared)
+        lock = rundir.acquire_run_lock(self.job.run_dir, node=self.job.node, group_shared=self.job.group_shared)
         try:
             self._setup()
             try:
                 now = self.clock()
                 self._event("supervisor_start", pid=os.getpid(), job=str(self.job.job_file or ""),
-                            run_dir=str(self.job.run_dir))
+                            run_dir=str(self.job.run_dir), machine_rank=self.job.node)
+                if self.job.node is not None and not self._join_nodes():
+                    return self.exit_code
+                now = self.clock()
                 self.ckpts.refresh(force=True)
                 self._resolve_precision()
                 self._next_attempt(now)
@@ -224,6 +228,37 @@ class Runner(Stopping, CostWatch):
                     attempt=attempt, **fields)
         self._write_supervisor_json(now, force=True)
 
+    def _join_nodes(self) -> bool:
+        """Several machines: announce this node, wait for the others (nodes.py). False when the
+        run must end before its first attempt (exit_code says how)."""
+        nodes.announce(self.job, self.started_wall, os.getpid())
+        log.info("machine rank %d of %d: waiting for the other nodes in %s", self.job.launch.machine_rank,
+                 self.job.launch.num_machines, nodes.nodes_dir(self.job))
+
+        def wait(timeout_s: float) -> bool:
+            self.inbox.wait(timeout_s)
+            return any(s in STOP_SIGNALS for s in self.inbox.pending)
+
+        code, why = nodes.wait_for_nodes(self.job, self.started_wall, clock=self.clock, wait=wait)
+        if code == 0:
+            self._event("nodes_joined", num_machines=self.job.launch.num_machines)
+            return True
+        if code < 0:
+            code, why = exit_code_for_stop(False, self.inbox.pending[0]), "stopped while waiting for the other nodes"
+        log.error("%s", why)
+        self.exit_code, self.exit_reason = code, why
+        self._event("nodes_not_joined", reason=why, exit_code=code)
+        return False
+
+    def _follow_other_nodes(self, now: float) -> None:
+        """Several machines: a stop asked of another node is asked of this one too (the ranks
+        already agree on the step; this makes every supervisor exit 75 rather than restart)."""
+        if self.job.node is None or self.user_stop is not None:
+            return
+        cause = nodes.stop_from_other_node(self.job, self.started_wall)
+        if cause is not None:
+            self._first_stop_signal(now, signal.SIGTERM, cause=f"stop on {cause}")
+
     def _finish(self, now: float, state: State, code: int, reason: str) -> None:
         self.exit_code = code
         self.exit_reason = reason
@@ -232,6 +267,7 @@ class Runner(Stopping, CostWatch):
     # -- the loop ---------------------------------------------------------------
     def _tick(self, now: float) -> None:
         self._handle_signals(now)
+        self._follow_other_nodes(now)
         if self.state.terminal:
             return
         self.procs.reap(self._children())
@@ -279,6 +315,8 @@ class Runner(Stopping, CostWatch):
             self.attempt.max_step = max(self.attempt.max_step, ck.step)
         self.watchers.on_checkpoint(ck.step, now)
         protected = {self.attempt.resume.step} if self.attempt and self.attempt.resume else set()
+        if self.job.launch.machine_rank != 0:
+            return  # several machines share the checkpoints: machine rank 0's supervisor prunes them
         deleted, kept = self.ckpts.prune(self.job.retention, protected)
         if deleted:
             self._event("prune", deleted=deleted, kept=kept)

@@ -10,6 +10,7 @@ import logging
 import signal
 from typing import TYPE_CHECKING
 
+from supervisor.runner import nodes
 from supervisor.runner.inbox import STOP_SIGNALS
 from supervisor.runner.policy import exit_code_for_stop
 from supervisor.runner.states import ACTIVE, State
@@ -51,13 +52,16 @@ class Stopping:
                 if sig == signal.SIGINT and not self.stop_now and self.state in ACTIVE:
                     log.info("Ctrl-C again to stop at once without saving")
 
-    def _first_stop_signal(self: Runner, now: float, sig: int) -> None:
+    def _first_stop_signal(self: Runner, now: float, sig: int, *, cause: str | None = None) -> None:
+        """`cause`: the stop came from another node (nodes.py), not as a signal to this one."""
         name = signal.Signals(sig).name
         self.user_stop = sig
-        self._event("stop_requested", signal=name)
-        log.info("received %s: asking the ranks to save and stop", name)
+        self._event("stop_requested", signal=name, **({"cause": cause} if cause else {}))
+        log.info("%s: asking the ranks to save and stop", cause or f"received {name}")
+        if cause is None and self.job.node is not None:
+            nodes.post_stop(self.job, f"{name} received", self.wall_clock())
         if self.state in (State.STARTING, State.RUNNING):
-            self._request_stop(now, f"{name} received: save and stop")
+            self._request_stop(now, cause or f"{name} received: save and stop")
         elif self.state == State.STOPPING:
             self.attempt.stop_cause = f"{name} received while stopping"
         else:  # BACKOFF, WAITING: nothing runs

@@ -79,7 +79,7 @@ def logind_watcher(job: "JobConfig") -> "Watcher | None":
     cfg = job.sections.get("logind")
     if cfg is None or not cfg.enabled:
         return None
-    return LogindWatcher(cfg, checkpoint_dir=RunPaths(job.run_dir).checkpoints)
+    return LogindWatcher(cfg, checkpoint_dir=job.paths.checkpoints)
 
 
 def disk_watcher(job: "JobConfig") -> "Watcher | None":
