@@ -119,6 +119,13 @@ class StopConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    # after a stop on Slurm's warning signal (SIGUSR1) saved a checkpoint, `scontrol requeue`
+    # the job: it resumes when Slurm starts it again (supervisor/slurm.py)
+    requeue: bool = False
+
+
+@dataclass(frozen=True)
 class WatchConfig:
     hang_timeout_s: float = 300.0  # no heartbeat (status.json) this long while running = hung
     startup_timeout_s: float = 600.0  # from launch until the first heartbeat of an attempt
@@ -136,6 +143,7 @@ class JobConfig:
     restart: RestartConfig = RestartConfig()
     stop: StopConfig = StopConfig()
     watch: WatchConfig = WatchConfig()
+    slurm: SlurmConfig = SlurmConfig()
     sections: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     # A run dir deliberately shared with the group (a cluster project dir): group members may
     # write it and own files in it. Off: anything writable by others is refused (exit 2).
@@ -391,7 +399,8 @@ def load_job(path: str | os.PathLike, overrides: Iterable[str] = (), *, run_dir:
 def parse_job(doc: Mapping[str, Any], *, base_dir: Path, job_file: Path | None = None,
               run_dir: str | os.PathLike | None = None, check_script: bool = True) -> JobConfig:
     top = Section("", dict(doc), base_dir)
-    known_sections = ("train", "launch", "checkpoint", "retention", "restart", "stop", "watch", *SECTION_PARSERS)
+    known_sections = ("train", "launch", "checkpoint", "retention", "restart", "stop", "watch", "slurm",
+                      *SECTION_PARSERS)
     for key, value in doc.items():
         if isinstance(value, dict) and key not in known_sections:
             raise JobConfigError(f"unknown section [{key}]{_did_you_mean(key, known_sections)}; "
@@ -430,12 +439,15 @@ def parse_job(doc: Mapping[str, Any], *, base_dir: Path, job_file: Path | None =
         poll_interval_s=w.float("poll_interval_s", WatchConfig.poll_interval_s, low=0.01, high=10.0),
     )
     w.done()
+    sl = top.section("slurm")
+    slurm = SlurmConfig(requeue=sl.bool("requeue", False))
+    sl.done()
     sections = {name: parser(top.table(name)) for name, parser in SECTION_PARSERS.items()}
     group_shared = top.bool("group_shared", False)
     top.done()
     return JobConfig(job_file=job_file, run_dir=resolved_run_dir, train=train, launch=launch,
                      checkpoint=checkpoint, retention=retention, restart=restart, stop=stop, watch=watch,
-                     sections=MappingProxyType(sections), group_shared=group_shared)
+                     slurm=slurm, sections=MappingProxyType(sections), group_shared=group_shared)
 
 
 def _read_run_dir(top: Section, default: Path, run_dir: str | os.PathLike | None) -> Path:

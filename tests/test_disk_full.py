@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from supervisor_helpers import REPO, finish, start_supervisor, wait_for, write_job
+from supervisor_helpers import REPO, finish, missing, start_supervisor, wait_for, write_job
 from train_core.store import CheckpointStore
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ def small_disk(tmp_path):
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+        missing(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 

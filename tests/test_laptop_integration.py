@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor_helpers import CLI, REPO, env, events, kill_run, read_json, run_processes, wait_for, write_job
+from supervisor_helpers import CLI, REPO, env, events, kill_run, prerequisite, read_json, run_processes, wait_for, write_job
 from train_core.store import CheckpointStore
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -202,7 +202,7 @@ def test_on_battery_stop_saves_exits_75_and_restarts_on_replug_usb_c(tmp_path, r
 # --------------------------------------------------------------------------- logind
 
 
-@pytest.mark.skipif(not dbus_daemon_available(), reason="dbus-daemon is not installed")
+@prerequisite(dbus_daemon_available(), "dbus-daemon is not installed")
 def test_logind_sleep_saves_before_release_then_shutdown_stops_and_restarts(tmp_path, runs):
     bus = PrivateBus(tmp_path / "bus")
     ckpts = tmp_path / "run" / "checkpoints"

@@ -13,12 +13,12 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from fake_login1 import FakeLogind, PrivateBus, dbus_daemon_available  # noqa: E402
 
-from supervisor_helpers import wait_for  # noqa: E402
+from supervisor_helpers import prerequisite, wait_for  # noqa: E402
 from supervisor.config import JobConfigError  # noqa: E402
 from supervisor.watch.logind import LogindConfig, LogindWatcher, system_bus_address  # noqa: E402
 from supervisor.watch import Action, Decision  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not dbus_daemon_available(), reason="dbus-daemon is not installed")
+pytestmark = prerequisite(dbus_daemon_available(), "dbus-daemon is not installed")
 
 
 @pytest.fixture

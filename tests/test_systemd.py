@@ -13,10 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from supervisor.systemd import service as svc
+from supervisor_helpers import prerequisite
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = sorted((REPO / "systemd").glob("*.service")) + sorted((REPO / "systemd").glob("*.timer"))
-needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+needs_analyze = prerequisite(shutil.which("systemd-analyze") is not None, "systemd-analyze not installed")
 
 
 def verify(tmp_path: Path, unit: Path, user: bool) -> subprocess.CompletedProcess[str]:

@@ -26,9 +26,10 @@ def main() -> None:
 from supervisor.cli import checkpoints as _checkpoints  # noqa: E402
 from supervisor.cli import report as _report  # noqa: E402
 from supervisor.cli import run as _run  # noqa: E402
+from supervisor.cli import slurm as _slurm  # noqa: E402
 from supervisor.cli import status as _status  # noqa: E402
 from supervisor.systemd import service as _service  # noqa: E402
 
 for _cmd in (_run.run_cmd, _run.validate_cmd, _status.status_cmd, _report.report_cmd, _checkpoints.checkpoints,
-             _service.service):
+             _slurm.slurm, _service.service):
     main.add_command(_cmd)

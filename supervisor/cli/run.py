@@ -50,7 +50,9 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
     from supervisor.runner.watchers import build_watchers
     from supervisor.systemd.sdnotify import SD_ENV_VARS, SdNotifier, SdNotifyReporter
 
-    job = load_job(job_file, overrides, run_dir=run_dir)
+    from supervisor import slurm
+
+    job = slurm.apply(load_job(job_file, overrides, run_dir=run_dir), os.environ)  # inside an allocation
     # Before anything is written into it: private, or refused (exit 2) when others could write it.
     notes = secure_run_dir(job.run_dir, group_shared=job.group_shared)
     with supervisor_output(job.paths.logs, notes) as console:
@@ -65,6 +67,8 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
         reporter.stop_requested = lambda: runner.user_stop is not None
         code = runner.run()
         reporter.finished(code, runner.exit_reason)
+        if slurm.should_requeue(job, os.environ, exit_code=code, stop_signal=runner.user_stop):
+            slurm.requeue_and_record(job, os.environ)
     sys.exit(code)
 
 
