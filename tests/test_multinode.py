@@ -154,3 +154,36 @@ def test_two_supervisors_claiming_one_machine_rank_exit_4(tmp_path):
     finally:
         first.send_signal(signal.SIGTERM)
         finish(first, 30)
+
+
+def test_a_power_stop_stops_every_node_with_exit_75(tmp_path):
+    """[power] on_battery = "stop" (a fake sysfs tree): on several machines the run stops on every
+    node, one save, every supervisor exits 75 (one node alone waiting for power would leave the
+    others' rendezvous hanging)."""
+    from test_laptop_integration import Sysfs
+
+    sysfs = Sysfs(tmp_path / "power_supply")
+    sysfs.set("AC", type="Mains", online=1)
+    sysfs.set("BAT0", type="Battery", status="Charging", capacity=90, present=1)
+    run_dir = tmp_path / "run"
+    port = free_port()
+    jobs = []
+    for m in (0, 1):
+        d = tmp_path / f"node{m}"
+        d.mkdir()
+        jobs.append(write_job(d, ["--steps", "200", "--eval-every", "0", "--sleep-s", "0.05"], script=TOY,
+                              run_dir=run_dir, power={"on_battery": "stop", "poll_interval_s": 0.1,
+                                                      "sysfs_root": str(sysfs.root)},
+                              launch={"num_processes": 2, "num_machines": 2, "machine_rank": m,
+                                      "main_process_ip": "127.0.0.1", "main_process_port": port}))
+    sups = start_nodes(tmp_path, jobs, "1")
+    try:
+        wait_for(lambda: ((read_json(run_dir / "nodes" / "node-0" / "status.json") or {}).get("step") or 0) >= 3,
+                 120, "step 3")
+        sysfs.set("AC", online=0)
+        sysfs.set("BAT0", status="Discharging", capacity=80)
+        assert [finish(s, 120) for s in sups] == [75, 75], logs(tmp_path)
+    finally:
+        kill_run(run_dir)
+    ckpts = [c for c in CheckpointStore(run_dir / "checkpoints").scan() if c.valid]
+    assert len(ckpts) == 1 and ckpts[0].reason == "preempt"

@@ -340,6 +340,10 @@ class Runner(Stopping, CostWatch):
         elif d.action is Action.SAVE:
             self._set_control(save_seq=self.control.save_seq + 1, reason=d.reason)
         elif d.action is Action.STOP and self.state in (State.STARTING, State.RUNNING):
+            if self.job.node is not None and self.user_stop is None:
+                # several machines: the run stops on every node (all exit 75), not on this one alone
+                self.user_stop = signal.SIGTERM
+                nodes.post_stop(self.job, f"{name}: {d.reason}", self.wall_clock())
             self._request_stop(now, f"{name}: {d.reason}", budget_s=float(d.details.get("budget_s") or 0.0))
 
     def _set_control(self, **changes: Any) -> None:
@@ -470,7 +474,10 @@ class Runner(Stopping, CostWatch):
             self._finish(now, State.EXITED, exit_code_for_stop(saved, self.user_stop),
                          f"stopped on {signal.Signals(self.user_stop).name}: {how} ({c.kind.value})")
             return
-        if c.kind is ExitKind.OOM:
+        if c.kind is ExitKind.OOM and self.job.node is not None:
+            log.warning("out of memory on this node: restarting with the same micro-batch (the back-off would "
+                        "change it on this node only; lower it for every node in the job file)")
+        elif c.kind is ExitKind.OOM:
             give_up = self._oom_backoff(a, reports)
             if give_up is not None:
                 self._finish(now, State.FATAL, EXIT_GAVE_UP, f"gave up: {give_up}")
