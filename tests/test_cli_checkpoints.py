@@ -264,17 +264,21 @@ def test_prune_policy_from_job_file_with_flag_override(tmp_path):
         ["step-00000400", "step-00000500"]
 
 
-def test_prune_refuses_while_a_supervisor_holds_the_lock(run):
+@pytest.mark.parametrize("held", ["job.lock", "nodes/node-1/job.lock"])  # one node of a run on several machines
+def test_prune_refuses_while_a_supervisor_holds_the_lock(run, held):
+    (run / held).parent.mkdir(parents=True, exist_ok=True)
+    (run / "nodes" / "node-0").mkdir(parents=True, exist_ok=True)
+    (run / "nodes" / "node-0" / "job.lock").touch()  # a node whose supervisor is gone: free
     holder = subprocess.Popen(
         [sys.executable, "-c", "import filelock, sys, time; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
-                               "print('locked', flush=True); time.sleep(60)", str(run / "job.lock")],
+                               "print('locked', flush=True); time.sleep(60)", str(run / held)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = snapshot(run)
         r = invoke("checkpoints", "prune", str(run), "--keep-last", "1")
         assert r.exit_code == 4
-        assert r.output == (f"Error: {run} is in use by a running supervisor (job.lock is held); it prunes after "
+        assert r.output == (f"Error: {run} is in use by a running supervisor ({held} is held); it prunes after "
                             "each commit itself: stop it first, or look with --dry-run\n")
         assert snapshot(run) == before
     finally:

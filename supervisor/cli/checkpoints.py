@@ -271,20 +271,26 @@ def prune_cmd(target: str, keep_last: int | None, keep_best: int | None, best_me
         return
     import filelock  # lazy: only a real prune takes the lock
 
-    lock = filelock.FileLock(str(RunPaths(run_dir).lock), timeout=0)
+    # the run dir's lock, and each node's of a run on several machines (RUN_DIR/nodes/node-M)
+    paths = [*sorted(run_dir.glob("nodes/node-*/job.lock")), RunPaths(run_dir).lock]
+    held = []
     try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise LockedError(f"{run_dir} is in use by a running supervisor (job.lock is held); it prunes after "
-                          "each commit itself: stop it first, or look with --dry-run") from None
-    except PermissionError:
-        raise UserError(f"{RunPaths(run_dir).lock}: permission denied; run as the run dir's owner; "
-                        "nothing was deleted") from None
-    try:
-        ckpts = store.scan()  # again, under the lock: what a supervisor may have changed meanwhile
+        for path in paths:
+            lock = filelock.FileLock(str(path), timeout=0)
+            try:
+                lock.acquire()
+            except filelock.Timeout:
+                raise LockedError(f"{run_dir} is in use by a running supervisor ({path.relative_to(run_dir)} is "
+                                  "held); it prunes after each commit itself: stop it first, or look with "
+                                  "--dry-run") from None
+            except PermissionError:
+                raise UserError(f"{path}: permission denied; run as the run dir's owner; nothing was deleted") from None
+            held.append(lock)
+        ckpts = store.scan()  # again, under the locks: what a supervisor may have changed meanwhile
         _prune(run_dir, store, ckpts, policy, remove_invalid, dry_run, as_json)
     finally:
-        lock.release()
+        for lock in held:
+            lock.release()
 
 
 def _prune(run_dir: Path, store: CheckpointStore, ckpts: list[Checkpoint], policy: RetentionPolicy,
