@@ -180,8 +180,10 @@ def test_pause_holds_two_cpu_ranks_at_the_same_step(tmp_path, cleanup, monkeypat
     monkeypatch.setenv("TOY_LOG", "INFO")  # each rank logs "paused at step N"
     run_dir = tmp_path / "run"
     cleanup[0].append(run_dir)
-    points = [point(0, 60), point(7.0, 88), point(9.0, 70)]
-    job = write_job(tmp_path, ["--steps", "150", "--micro-batch", "2", "--grad-accum", "1", "--sleep-s", "0.04",
+    # hot from 20 s to 24 s after the supervisor started: 2 ranks' start-up takes 5-15 s (more on a loaded
+    # machine), and 500 steps of >= 40 ms keep them training until well past the window
+    points = [point(0, 60), point(20.0, 88), point(24.0, 70)]
+    job = write_job(tmp_path, ["--steps", "500", "--micro-batch", "2", "--grad-accum", "1", "--sleep-s", "0.04",
                                "--eval-every", "0", "--dataset-size", "64"],
                     script=TOY, launch={"num_processes": 2}, gpu=gpu_section(tmp_path, points))
     sup = start_supervisor(job, log=tmp_path / "sup.log")
@@ -195,7 +197,7 @@ def test_pause_holds_two_cpu_ranks_at_the_same_step(tmp_path, cleanup, monkeypat
     assert len(paused) == 2, log[-3000:]
     (r0, s0), (r1, s1) = (p.split() for p in paused)
     assert {r0, r1} == {"[rank0", "[rank1"} and s0 == s1, paused
-    assert json.loads((run_dir / "final_hash.json").read_text())["step"] == 150
+    assert json.loads((run_dir / "final_hash.json").read_text())["step"] == 500
 
 
 # --------------------------------------------------------------------------- OOM back-off
