@@ -235,7 +235,8 @@ def test_corpus_path_missing(tmp_path, cache):
                        "pass an existing text file or folder")
 
 
-@pytest.mark.parametrize("contents", [{}, {"a.bin": b"\x00\x01\x02" * 100, "b.png": b"\x89PNG\r\n\x1a\n\x00"}],
+@pytest.mark.parametrize("contents", [{}, pytest.param({"a.bin": b"\x00\x01\x02" * 100, "b.png": b"\x89PNG\r\n\x1a\n\x00"},
+                                                  marks=pytest.mark.slow)],  # the fast lane keeps one of the two
                          ids=["empty-folder", "binary-files-only"])
 def test_corpus_without_text(tmp_path, cache, contents):
     folder = tmp_path / "corpus"

@@ -43,7 +43,7 @@ def newest(run_dir):
     return [c for c in CheckpointStore(run_dir / "checkpoints").scan() if c.valid][-1]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2: worker processes, slower
 def test_a_stateful_stream_stopped_at_several_positions_resumes_bitwise_equal(tmp_path, refs, workers, caplog):
     args = ("--stream", "stateful", "--num-workers", str(workers))
     # micro-batch 5 of the first attempt: mid accumulation -> step 2; micro 9 of the next:
@@ -98,6 +98,7 @@ def test_a_checkpoint_without_a_stream_position_still_resumes_at_the_right_item(
     assert all(torch.equal(a, b) for a, b in zip(seen["old"], seen["ref"]))  # the same items, in the same order
 
 
+@pytest.mark.slow
 def test_resume_from_a_background_interval_save_of_a_stream(tmp_path, refs, monkeypatch):
     monkeypatch.setenv("TRAINSUP_BACKGROUND_SAVES", "1")
     code, rep = run(tmp_path, "--stream", "stateful", "--num-workers", "2", "--save-every", "4", "--eval-every", "0",
