@@ -165,3 +165,29 @@ def test_a_job_saves_on_the_warning_requeues_resumes_and_completes_bit_for_bit(t
     assert "requeued: it resumes from the checkpoint" in log
     final = json.loads((tmp_path / "run" / "final_hash.json").read_text())
     assert final == reference
+
+
+@pytest.mark.slow
+def test_a_save_request_to_every_process_during_start_up_saves_instead_of_killing(tmp_path):
+    """What Slurm's warning does when it comes early: SIGUSR1 to the supervisor and to every
+    process of its step, the launcher and a rank still importing torch among them."""
+    import psutil
+
+    from supervisor_helpers import finish, kill_run, read_json, start_supervisor
+
+    job = write_job(tmp_path, ["--steps", "50", "--eval-every", "0"], script=TOY, launch={"num_processes": 2})
+    sup = start_supervisor(job, log=tmp_path / "sup.log")
+    try:
+        deadline = time.monotonic() + 30
+        while not psutil.Process(sup.pid).children():
+            assert time.monotonic() < deadline, "no launcher started"
+            time.sleep(0.01)
+        launcher = psutil.Process(sup.pid).children()[0]
+        os.killpg(launcher.pid, signal.SIGUSR1)  # the launcher's group: it and whatever it started by now
+        os.kill(sup.pid, signal.SIGUSR1)
+        assert finish(sup, 120) == EXIT_SAVED, (tmp_path / "sup.log").read_text()[-3000:]
+    finally:
+        kill_run(tmp_path / "run")
+    reports = [read_json(p) for p in sorted((tmp_path / "run" / "ranks").glob("exit-*.json"))]
+    assert [r["kind"] for r in reports] == ["saved", "saved"], reports
+    assert [c.reason for c in CheckpointStore(tmp_path / "run" / "checkpoints").scan()] == ["preempt"]

@@ -255,6 +255,7 @@ def test_child_gets_default_signals_and_own_session(tmp_path):
         "print(json.dumps({'sid': os.getsid(0), 'pgid': os.getpgrp(), 'pid': os.getpid(),\n"
         " 'int': signal.getsignal(signal.SIGINT) == signal.default_int_handler,\n"
         " 'term': signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,\n"
+        " 'usr': [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGUSR1, signal.SIGUSR2)],\n"
         " 'mask': sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))}))\n")
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a non-interactive shell job
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
@@ -267,6 +268,7 @@ def test_child_gets_default_signals_and_own_session(tmp_path):
     info = json.loads((tmp_path / "out.log").read_text())
     assert info["sid"] == info["pgid"] == info["pid"] == child.pid
     assert info["int"] and info["term"] and info["mask"] == []
+    assert info["usr"] == [True, True]  # a save request before the rank's handler must not kill it
 
 
 # --------------------------------------------------------------------------- CLI

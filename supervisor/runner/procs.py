@@ -81,10 +81,17 @@ def set_child_subreaper() -> bool:
     return True
 
 
+# Ignored in the child until a rank's TrainSession installs its handler: a save request that
+# reaches every process before that (Slurm's --signal warning signals all of a step's processes,
+# and may come in the first second) must not kill a launcher or a rank still importing torch;
+# the rank reads the stop from control.json when it starts.
+_IGNORED_UNTIL_HANDLED = (signal.SIGUSR1, signal.SIGUSR2)
+
+
 def _child_preexec(parent_pid: int, death_signal: bool) -> None:
     """Runs in the forked child before exec: only async-signal-safe-ish, allocation-light work."""
     for sig in _RESET_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
+        signal.signal(sig, signal.SIG_IGN if sig in _IGNORED_UNTIL_HANDLED else signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
     if _LIBC is not None and death_signal:
         _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
