@@ -1,6 +1,8 @@
-"""Two nodes vs one: the toy job (tests/scripts/toy_train.py, 60 steps) run by two `trainsup run`
-supervisors on this host acting as two nodes (1 CPU rank each, gloo over loopback), and by one
-supervisor with 2 ranks, side by side in one run, alternating.
+"""Two nodes vs one node with two ranks, side by side: a whole run and a stop of the toy job.
+
+The toy (tests/scripts/toy_train.py, 60 steps) run by two `trainsup run` supervisors on this
+host acting as two nodes (1 CPU rank each, gloo over loopback), and by one supervisor with 2
+ranks, in one run, alternating.
 
     python bench/bench_nodes.py [--repeats 2]
 
