@@ -23,10 +23,13 @@ import re
 import shlex
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Mapping
 
 from supervisor.config import JobConfig, JobConfigError
+from supervisor.events import EventLog
+from train_core.contract import EXIT_SAVED
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +103,15 @@ def apply(job: JobConfig, env: Mapping[str, str]) -> JobConfig:
 
 def should_requeue(job: JobConfig, env: Mapping[str, str], *, exit_code: int, stop_signal: int | None) -> bool:
     """After a saved stop on Slurm's warning signal, with [slurm] requeue, on machine rank 0."""
-    from train_core.contract import EXIT_SAVED
-
     alloc = allocation(env)
     return (alloc is not None and job.slurm.requeue and exit_code == EXIT_SAVED and stop_signal == WARNING_SIGNAL
             and alloc.node_id == 0)
 
 
-def requeue(env: Mapping[str, str]) -> str:
-    """`scontrol requeue` this job: "" when done, else why not."""
-    alloc = allocation(env)
+def requeue(job_id: str) -> str:
+    """`scontrol requeue` the job: "" when done, else why not."""
     try:
-        subprocess.run(["scontrol", "requeue", alloc.job_id], capture_output=True, text=True, timeout=30, check=True)
+        subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=30, check=True)
     except subprocess.CalledProcessError as e:
         return (e.stderr or e.stdout or f"exit {e.returncode}").strip()
     except (OSError, subprocess.SubprocessError) as e:
@@ -120,13 +120,9 @@ def requeue(env: Mapping[str, str]) -> str:
 
 
 def requeue_and_record(job: JobConfig, env: Mapping[str, str]) -> None:
-    """requeue(), said in the supervisor's output and recorded in events.jsonl."""
-    import time
-
-    from supervisor.events import EventLog
-
-    problem = requeue(env)
+    """requeue() this allocation's job, said in the supervisor's output and recorded in events.jsonl."""
     job_id = allocation(env).job_id
+    problem = requeue(job_id)
     if problem:
         log.error("Slurm job %s: scontrol requeue failed (%s): submit the job again to resume", job_id, problem)
     else:

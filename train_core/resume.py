@@ -228,7 +228,7 @@ def load_once(path: Path, manifest: Mapping[str, Any], *, accelerator: Any, obje
     """Model, optimizer, scheduler and RNG through accelerate (weights_only=True), registered
     objects through safeload. Never raises: every rank's verdict goes into one collective, so
     no rank is left waiting in it."""
-    files = {f.get("path") for f in manifest.get("files", []) if isinstance(f, dict)}
+    files = listed_files(manifest)
     rng_file = f"random_states_{rank}.pkl"
     for needed in (rng_file, TRAINER_STATE, *(custom_file(i) for i in range(len(objects)))):
         if needed not in files:
@@ -249,6 +249,11 @@ def load_once(path: Path, manifest: Mapping[str, Any], *, accelerator: Any, obje
     if not isinstance(tstate, dict):
         return LOAD_BROKEN, f"{TRAINER_STATE} is not a JSON object", None
     return LOAD_OK, "", tstate
+
+
+def listed_files(manifest: Mapping[str, Any]) -> set[str]:
+    """The paths a checkpoint's manifest lists (what the check verified)."""
+    return {f.get("path") for f in manifest.get("files", []) if isinstance(f, dict)}
 
 
 @contextlib.contextmanager

@@ -726,7 +726,7 @@ class TrainSession:
         """Collective: the main process reads the checkpoint's stream position, if it has one
         (a checkpoint without one, or with one it cannot use, resumes a stream by re-reading)."""
         state = None
-        if self.is_main and streams.STATE_FILE in {f.get("path") for f in manifest.get("files", []) if isinstance(f, dict)}:
+        if self.is_main and streams.STATE_FILE in resuming.listed_files(manifest):
             try:
                 state = streams.load(path, trust=self.trust_pickle)
             except Exception as e:  # noqa: BLE001 - re-reading is still exact

@@ -41,6 +41,7 @@ from typing import Any, Iterator
 
 import torch
 
+from train_core import safeload
 from train_core.errors import StreamStateError
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,8 @@ def prepare(accelerator: Any, dataloader: Any) -> tuple[Any, "Tracker | None", s
     """accelerator.prepare_data_loader for a stream: (prepared loader, its Tracker or None,
     why it has none: it will resume by re-reading)."""
     dataset = dataloader.dataset
-    dispatch = accelerator.dataloader_config.dispatch_batches
-    dispatch = True if dispatch is None else dispatch  # accelerate's default for a stream
+    config = accelerator.dataloader_config
+    dispatch = True if config.dispatch_batches is None else config.dispatch_batches  # accelerate's default for a stream
     why = ""
     if not has_position(dataset):
         why = (f"{type(dataset).__name__} cannot say where it is: give it state_dict() and load_state_dict() "
@@ -73,7 +74,6 @@ def prepare(accelerator: Any, dataloader: Any) -> tuple[Any, "Tracker | None", s
                "IterableDatasetShard, which has no position: leave dispatch_batches unset")
     if why:
         return accelerator.prepare_data_loader(dataloader), None, why
-    config = accelerator.dataloader_config
     before = config.use_stateful_dataloader
     config.use_stateful_dataloader = True
     try:
@@ -155,8 +155,6 @@ def _where(path: tuple) -> str:
 
 def load(path: Path, *, trust: bool) -> dict[str, Any]:
     """A checkpoint's stream state (untrusted input: weights_only, then checked like at save)."""
-    from train_core import safeload
-
     state = safeload.load_torch_file(path / STATE_FILE, trust=trust)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(state.get("loader"), dict):
         raise ValueError(f"{STATE_FILE} is not a format-{STATE_FORMAT} stream state")
@@ -169,11 +167,9 @@ def reread(loader: Any, skip: int, *, items_per_batch: int, why: str) -> Iterato
     how many items, about how long (from the time the first ones took), and `why` (with the fix)."""
     it = iter(loader)
     t0 = time.monotonic()
-    done = 0
     warned = False
-    for _ in range(skip):
+    for done in range(1, skip + 1):
         next(it)
-        done += 1
         elapsed = time.monotonic() - t0
         if not warned and (elapsed >= 0.5 or done == min(skip, 64)):
             warned = True

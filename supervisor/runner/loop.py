@@ -133,7 +133,6 @@ class Runner(Stopping, CostWatch):
         try:
             self._setup()
             try:
-                now = self.clock()
                 self._event("supervisor_start", pid=os.getpid(), job=str(self.job.job_file or ""),
                             run_dir=str(self.job.run_dir), machine_rank=self.job.node)
                 if self.job.node is not None and not self._join_nodes():

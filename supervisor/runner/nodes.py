@@ -19,7 +19,6 @@ the nodes' clocks must agree to well within the join timeout (NTP does).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import socket
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Callable, Mapping
 
 from supervisor.config import JobConfig
 from train_core import runfiles
+from train_core.contract import EXIT_GAVE_UP, EXIT_USAGE
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,6 @@ def wait_for_nodes(job: JobConfig, started_at: float, *, clock: Callable[[], flo
     """Wait until every machine rank announced this start: (0, "") when all did with the same
     job; (EXIT_USAGE, why) when a node's job differs; (EXIT_GAVE_UP, why) after `timeout_s`
     naming the missing machine ranks; (-1, "") when `wait` returned True (a stop signal)."""
-    from train_core.contract import EXIT_GAVE_UP, EXIT_USAGE
-
     mine = job_keys(job)
     timeout_s = job.launch.join_timeout_s
     deadline = clock() + timeout_s
