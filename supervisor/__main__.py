@@ -1,5 +1,5 @@
 """`python -m supervisor ...` is `trainsup ...` (useful before the console script is on PATH)."""
 
-from supervisor.cli import main
+from supervisor.entry import main
 
-main(prog_name="trainsup")
+main()

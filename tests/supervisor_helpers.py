@@ -18,7 +18,7 @@ from train_core.runfiles import read_json  # noqa: F401 - re-exported for the te
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_RANK = REPO / "tests" / "scripts" / "sup_fake_rank.py"
-CLI = [sys.executable, "-c", "from supervisor.cli import main; main()"]
+CLI = [sys.executable, "-m", "supervisor"]  # what the `trainsup` command runs: supervisor/entry.py
 
 # .ci/run sets it: a test whose prerequisite (Slurm, dbus-daemon, a tmpfs mount, systemd-analyze)
 # is missing fails there instead of being skipped

@@ -11,6 +11,8 @@ import signal
 import time
 from typing import Any, Callable
 
+from supervisor import entry
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
@@ -31,6 +33,9 @@ class SignalInbox:
             self._old[sig] = signal.signal(sig, lambda s, f: self.pending.append(s))
         # SIGCHLD only wakes the loop (the default disposition is "ignore" without waking)
         self._old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda s, f: None)
+        # a save request that came while the process was starting (entry.py); from here on they come
+        # straight to `pending`
+        self.pending.extend(entry.take_held())
 
     def restore(self) -> None:
         if self._r < 0:
