@@ -10,26 +10,33 @@ with `srun --ntasks-per-node=1`.
 Slurm's warning signal (`--signal=USR1@LEAD`, sent to every step's tasks LEAD seconds, give
 or take Slurm's 60-s resolution, before the time limit) is a save request like any stop
 signal; with `[slurm] requeue = true` machine rank 0 then runs `scontrol requeue`, and the
-requeued job resumes from that checkpoint when Slurm starts it again. A SIGTERM (scancel, the
-time limit itself, preemption) saves too but never requeues: it may be a person's cancel.
+requeued job resumes from that checkpoint when Slurm starts it again. When the warning has not
+come by the time limit minus a stop's cost (a job submitted without --signal, or a warning sent
+before the step's processes existed), the supervisor sends it to itself (TimeLimitWatch). A
+SIGTERM (scancel, the time limit itself, preemption) saves too but never requeues: it may be a
+person's cancel.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import math
+import os
 import re
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from supervisor.config import JobConfig, JobConfigError
 from supervisor.events import EventLog
 from train_core.contract import EXIT_SAVED
+from train_core.runfiles import read_json
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +129,9 @@ def requeue(job_id: str) -> str:
 def requeue_and_record(job: JobConfig, env: Mapping[str, str]) -> None:
     """requeue() this allocation's job, said in the supervisor's output and recorded in events.jsonl."""
     job_id = allocation(env).job_id
+    # the requeue ends this job step, and Slurm's SIGTERM to it may come before the record is
+    # written: nothing is left to stop (the checkpoint is committed, the ranks are gone)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     problem = requeue(job_id)
     if problem:
         log.error("Slurm job %s: scontrol requeue failed (%s): submit the job again to resume", job_id, problem)
@@ -130,15 +140,100 @@ def requeue_and_record(job: JobConfig, env: Mapping[str, str]) -> None:
     EventLog(job.paths.events).append("slurm_requeue", time.time(), job_id=job_id, error=problem or None)
 
 
-def signal_lead_s(costs: Mapping[str, object] | None) -> int:
-    """Seconds before the time limit for the warning: Slurm's resolution plus what a stop costs
-    (1.5 x the recorded save time and a step, plus the exit), else DEFAULT_STOP_S."""
+def stop_cost_s(costs: Mapping[str, object] | None) -> int:
+    """Seconds a stop takes: 1.5 x the recorded save time and a step, plus the exit (10 s);
+    DEFAULT_STOP_S when the run dir has no save time recorded."""
     stop_s = float(DEFAULT_STOP_S)
     if costs:
         save_s, step_s = costs.get("save_s"), costs.get("step_s")
         if isinstance(save_s, (int, float)) and save_s >= 0:
             stop_s = 1.5 * save_s + (step_s if isinstance(step_s, (int, float)) and step_s >= 0 else 0) + 10
-    return SIGNAL_RESOLUTION_S + int(math.ceil(max(stop_s, 10)))
+    return int(math.ceil(max(stop_s, 10)))
+
+
+def signal_lead_s(costs: Mapping[str, object] | None) -> int:
+    """Seconds before the time limit for the warning: Slurm's resolution plus a stop's cost."""
+    return SIGNAL_RESOLUTION_S + stop_cost_s(costs)
+
+
+def end_time(job_id: str) -> float | None:
+    """When the job's time limit ends it (squeue's end time, this host's local time, as a Unix
+    time), or None: no limit, or no answer from Slurm."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        return datetime.datetime.fromisoformat(out).timestamp()
+    except (OSError, subprocess.SubprocessError, ValueError):  # "NONE", "Unknown", no squeue
+        return None
+
+
+class TimeLimitWatch:
+    """The warning, sent by the supervisor to itself when Slurm's does not come.
+
+    Slurm's can miss: a job submitted without --signal, or a warning that came before the
+    step's processes existed (Slurm sends it once and up to a minute early, so in a short job it
+    can fall in the first second). So each supervisor in an allocation with a time limit sends
+    itself WARNING_SIGNAL at the limit minus what a stop costs, unless a stop began before: the
+    same save, and the same requeue, as Slurm's own warning. The costs are read again every
+    minute (a measured save time moves the moment), the limit once more when the moment comes
+    (`scontrol update TimeLimit=` may have moved it).
+    """
+
+    def __init__(self, job_id: str, costs: Callable[[], Mapping[str, object] | None], *,
+                 stopping: Callable[[], bool], events: Path, query: Callable[[str], float | None] = end_time,
+                 wall_clock: Callable[[], float] = time.time,
+                 send: Callable[[], None] = lambda: os.kill(os.getpid(), WARNING_SIGNAL)) -> None:
+        self.job_id, self.costs, self.stopping, self.events = job_id, costs, stopping, events
+        self.query, self.wall_clock, self.send = query, wall_clock, send
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="slurm-time-limit", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        end = self.query(self.job_id)
+        if end is None:
+            return
+        log.info("Slurm job %s ends at %s: trainsup saves %d s before unless Slurm's warning comes first",
+                 self.job_id, time.strftime("%H:%M:%S", time.localtime(end)), stop_cost_s(self.costs()))
+        while True:
+            lead = stop_cost_s(self.costs())
+            wait_s = end - lead - self.wall_clock()
+            if wait_s > 0:
+                if self._cancel.wait(min(wait_s, 60)):
+                    return
+                continue
+            later = self.query(self.job_id)
+            if later is not None and later > end:
+                end = later  # the limit was extended
+                continue
+            if self.stopping() or self._cancel.is_set():
+                return
+            left = end - self.wall_clock()
+            log.warning("Slurm job %s: %.0f s to its time limit and no warning signal came: saving now", self.job_id,
+                        left)
+            EventLog(self.events).append("slurm_time_limit", self.wall_clock(), job_id=self.job_id,
+                                         seconds_left=round(left, 1), lead_s=lead)
+            self.send()
+            return
+
+
+def time_limit_watch(job: JobConfig, env: Mapping[str, str], stopping: Callable[[], bool]) -> TimeLimitWatch | None:
+    """A started TimeLimitWatch for this allocation, or None outside Slurm."""
+    alloc = allocation(env)
+    if alloc is None:
+        return None
+    watch = TimeLimitWatch(alloc.job_id, lambda: read_json(job.paths.costs), stopping=stopping,
+                           events=job.paths.events)
+    watch.start()
+    return watch
 
 
 def script(job_file: Path, *, job: JobConfig, nodes: int, time_min: int, run_dir: Path | None,

@@ -65,7 +65,13 @@ def run_cmd(job_file: Path, run_dir: Path | None, overrides: tuple[str, ...]) ->
                                     stop_timeout_s=outlast_stop_s(job.stop.grace_s, job.stop.kill_after_s))
         runner = Runner(job, watchers=build_watchers(job), reporter=reporter, subreaper=procs.set_child_subreaper())
         reporter.stop_requested = lambda: runner.user_stop is not None
-        code = runner.run()
+        # inside an allocation: the warning, sent to itself, should Slurm's not come
+        time_limit = slurm.time_limit_watch(job, os.environ, stopping=reporter.stop_requested)
+        try:
+            code = runner.run()
+        finally:
+            if time_limit is not None:
+                time_limit.cancel()
         reporter.finished(code, runner.exit_reason)
         if slurm.should_requeue(job, os.environ, exit_code=code, stop_signal=runner.user_stop):
             slurm.requeue_and_record(job, os.environ)
