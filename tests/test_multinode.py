@@ -34,8 +34,38 @@ def node_jobs(tmp: Path, run_dir: Path, args=ARGS, **launch) -> list[Path]:
     return jobs
 
 
+_started: list = []  # every node's supervisor a test started
+
+
 def start_nodes(tmp: Path, jobs: list[Path], tag: str) -> list:
-    return [start_supervisor(job, log=tmp / f"node{m}-{tag}.log") for m, job in enumerate(jobs)]
+    sups = [start_supervisor(job, log=tmp / f"node{m}-{tag}.log") for m, job in enumerate(jobs)]
+    _started.extend(sups)
+    return sups
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running(tmp_path):
+    """After a test, pass or fail: no supervisor (one left running would restart its ranks, which
+    kill_run alone ends, and load the tests after it), then no rank of its run dir."""
+    yield
+    while _started:
+        sup = _started.pop()
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait(10)
+    kill_run(tmp_path / "run")
+
+
+def wait_or_show_logs(tmp: Path, pred, what: str) -> None:
+    try:
+        wait_for(pred, 120, what)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{logs(tmp)}") from None
+
+
+def wait_for_step(tmp: Path, run_dir: Path, node: int, step: int) -> None:
+    wait_or_show_logs(tmp, lambda: ((read_json(run_dir / "nodes" / f"node-{node}" / "status.json") or {})
+                                    .get("step") or 0) >= step, f"step {step} on node {node}")
 
 
 def final_hash(run_dir: Path) -> str:
@@ -56,7 +86,9 @@ def one_node(tmp_path_factory) -> str:
 
 
 def logs(tmp: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(tmp.glob("node*.log")))
+    """The supervisors' output, then the ranks' (each attempt's log on each node)."""
+    files = sorted(tmp.glob("node*.log")) + sorted((tmp / "run" / "nodes").glob("node-*/logs/attempt-*.log"))
+    return "\n".join(f"--- {p.relative_to(tmp)}\n{p.read_text()[-2500:]}" for p in files)
 
 
 def test_two_nodes_train_bit_for_bit_like_one_node_with_two_processes(tmp_path, one_node):
@@ -79,8 +111,7 @@ def test_sigterm_to_one_node_both_save_the_same_step_and_exit_75_then_resume_bit
     jobs = node_jobs(tmp_path, run_dir)
     sups = start_nodes(tmp_path, jobs, "1")
     try:
-        wait_for(lambda: ((read_json(run_dir / "nodes" / "node-1" / "status.json") or {}).get("step") or 0) >= 3,
-                 120, "step 3 on node 1")
+        wait_for_step(tmp_path, run_dir, 1, 3)
         os.kill(sups[1].pid, signal.SIGTERM)  # node 1's supervisor only
         assert [finish(s, 120) for s in sups] == [75, 75], logs(tmp_path)
         ckpts = [c for c in CheckpointStore(run_dir / "checkpoints").scan() if c.valid]
@@ -103,7 +134,7 @@ def test_sigkill_of_a_rank_on_one_node_restarts_both_from_the_newest_checkpoint(
     sups = start_nodes(tmp_path, node_jobs(tmp_path, run_dir, [*ARGS, "--save-every", "4"]), "1")
     try:
         ckpts = CheckpointStore(run_dir / "checkpoints")
-        wait_for(lambda: any(c.valid and c.step >= 8 for c in ckpts.scan()), 120, "a checkpoint at step 8")
+        wait_or_show_logs(tmp_path, lambda: any(c.valid and c.step >= 8 for c in ckpts.scan()), "a checkpoint at step 8")
         rank1 = read_json(run_dir / "nodes" / "node-1" / "ranks" / "rank-1.json")
         os.kill(rank1["pid"], signal.SIGKILL)
         assert [finish(s, 240) for s in sups] == [0, 0], logs(tmp_path)
@@ -178,8 +209,7 @@ def test_a_power_stop_stops_every_node_with_exit_75(tmp_path):
                                       "main_process_ip": "127.0.0.1", "main_process_port": port}))
     sups = start_nodes(tmp_path, jobs, "1")
     try:
-        wait_for(lambda: ((read_json(run_dir / "nodes" / "node-0" / "status.json") or {}).get("step") or 0) >= 3,
-                 120, "step 3")
+        wait_for_step(tmp_path, run_dir, 0, 3)
         sysfs.set("AC", online=0)
         sysfs.set("BAT0", status="Discharging", capacity=80)
         assert [finish(s, 120) for s in sups] == [75, 75], logs(tmp_path)
