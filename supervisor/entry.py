@@ -2,11 +2,11 @@
 comes while the supervisor is still starting.
 
 SIGUSR1's default action ends a process, and the supervisor takes a third of a second (more on a
-loaded machine) to import and reach its run loop, which handles it. Slurm's warning can come in a
-job's first second (docs/platform.md), and it killed the supervisor there: exit 138, nothing saved,
-the job FAILED. So the signal is held from the first line on, and the run loop replays it once its
-own handlers are in (runner/inbox.py): the attempt starts and saves at its first step boundary.
-Commands other than `run` drop it.
+loaded machine) to import and reach its run loop, which handles it: a SIGUSR1 in that window ended
+it with exit 138 and nothing saved, and Slurm's warning can come in a job's first second
+(docs/platform.md). So the signal is held from the first line on, and the run loop replays it once
+its own handlers are in (runner/inbox.py): the attempt starts and saves at its first step
+boundary. Commands other than `run` drop it.
 """
 
 from __future__ import annotations

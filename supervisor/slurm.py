@@ -137,7 +137,17 @@ def requeue_and_record(job: JobConfig, env: Mapping[str, str]) -> None:
         log.error("Slurm job %s: scontrol requeue failed (%s): submit the job again to resume", job_id, problem)
     else:
         log.info("Slurm job %s requeued: it resumes from the checkpoint when Slurm starts it again", job_id)
-    EventLog(job.paths.events).append("slurm_requeue", time.time(), job_id=job_id, error=problem or None)
+    record(job.paths.events, "slurm_requeue", job_id=job_id, error=problem or None)
+
+
+def record(events: Path, name: str, **fields: object) -> None:
+    """One line in events.jsonl from outside the run loop (the loop's own log is closed, or busy in
+    another thread: each line is one O_APPEND write)."""
+    log_ = EventLog(events)
+    try:
+        log_.append(name, time.time(), **fields)
+    finally:
+        log_.close()
 
 
 def stop_cost_s(costs: Mapping[str, object] | None) -> int:
@@ -219,8 +229,7 @@ class TimeLimitWatch:
             left = end - self.wall_clock()
             log.warning("Slurm job %s: %.0f s to its time limit and no warning signal came: saving now", self.job_id,
                         left)
-            EventLog(self.events).append("slurm_time_limit", self.wall_clock(), job_id=self.job_id,
-                                         seconds_left=round(left, 1), lead_s=lead)
+            record(self.events, "slurm_time_limit", job_id=self.job_id, seconds_left=round(left, 1), lead_s=lead)
             self.send()
             return
 
