@@ -206,22 +206,27 @@ def follow(job_id: str, tail, *, until_requeued: bool = False) -> None:
     """Until the job is requeued after its first slot (`until_requeued`), or else until it is
     COMPLETED, with its requeued second slot released at once and given time to finish."""
     deadline = time.monotonic() + 420
-    released = False
+    released, refused = False, ""
     while True:
         info = scontrol_job(job_id)
         state = info.get("JobState")
         if state == "COMPLETED":
             break
-        assert state in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING"), (info, tail())
+        seen = f"JobState={state} Reason={info.get('Reason')} Restarts={info.get('Restarts')} {refused}"
+        assert state in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING"), (seen, tail())
         if state == "PENDING" and info.get("Restarts", "0") != "0":
             if until_requeued:  # and the supervisor has said so (it writes that after scontrol returns)
                 wait_for(lambda: "requeued: it resumes" in tail(), 10, "the supervisor's requeue record")
                 return
-            if not released:  # let it start now, with time to finish (the next warning would stop it again)
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=15", "StartTime=now"],
-                               check=True, capture_output=True)
-                released = True
-        assert time.monotonic() < deadline, (info, tail())
+            # let it start now, with time to finish (the next warning would stop it again), once the node is
+            # done with its first slot: started while the node is still completing, the job fails at launch
+            # (FAILED, NonZeroExitCode; docs/platform.md). Slurm's own BeginTime delay is what avoids that.
+            node = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True).stdout
+            if not released and "completing" not in node:
+                r = subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=15", "StartTime=now"],
+                                   capture_output=True, text=True)
+                released, refused = r.returncode == 0, r.stderr.strip()  # refused: the next poll asks again
+        assert time.monotonic() < deadline, (seen, tail())
         time.sleep(1)
     assert released and scontrol_job(job_id).get("Restarts") == "1", tail()
 
