@@ -204,7 +204,7 @@ def submit(tmp_path: Path, costs: dict, sleep_s: float, edit=lambda script: scri
 
 def follow(job_id: str, tail, *, until_requeued: bool = False) -> None:
     """Until the job is requeued after its first slot (`until_requeued`), or else until it is
-    COMPLETED, with its requeued second slot released at once and given time to finish."""
+    COMPLETED, its requeued second slot released as soon as the node is free, with time to finish."""
     deadline = time.monotonic() + 420
     released, refused = False, ""
     while True:
