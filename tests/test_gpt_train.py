@@ -247,6 +247,7 @@ def test_corpus_without_text(tmp_path, cache, contents):
     assert_usage_error(tmp_path, proc, f"corpus folder {folder} holds no text files", "name a folder of text files")
 
 
+@pytest.mark.slow  # a demo process each (~2.5 s): out of the fast lane
 def test_vocab_size_the_tokenizer_cannot_reach(tmp_path, corpus, cache):
     proc = run_train(tmp_path, "--corpus", str(corpus), "--cache-dir", str(cache), "--vocab-size", "60000")
     line = assert_usage_error(tmp_path, proc, "fewer than vocab_size=60000", "lower vocab_size to <=")
@@ -254,11 +255,13 @@ def test_vocab_size_the_tokenizer_cannot_reach(tmp_path, corpus, cache):
     assert 257 <= reached < 60000
 
 
+@pytest.mark.slow  # a demo process each (~2.5 s): out of the fast lane
 def test_vocab_size_below_the_byte_alphabet(tmp_path, corpus, cache):
     proc = run_train(tmp_path, "--corpus", str(corpus), "--cache-dir", str(cache), "--vocab-size", "200")
     assert_usage_error(tmp_path, proc, "vocab_size=200 is below the 257 tokens", "use vocab_size >= 257")
 
 
+@pytest.mark.slow  # a demo process each (~2.5 s): out of the fast lane
 def test_block_size_larger_than_the_train_split(tmp_path, corpus, cache):
     proc = run_train(tmp_path, "--corpus", str(corpus), "--cache-dir", str(cache), "--vocab-size", "512",
                      "--block-size", "10000000")
@@ -266,6 +269,7 @@ def test_block_size_larger_than_the_train_split(tmp_path, corpus, cache):
                        "tokens but the train split holds", "use --block-size <=")
 
 
+@pytest.mark.slow  # a demo process each (~2.5 s): out of the fast lane
 def test_block_size_larger_than_the_val_split(tmp_path, corpus, cache):
     from examples.gpt.data import prepare_data
 
@@ -278,6 +282,7 @@ def test_block_size_larger_than_the_val_split(tmp_path, corpus, cache):
                        f"use --block-size <= {data.n_val_tokens - 1} or a larger --val-fraction")
 
 
+@pytest.mark.slow  # a demo process each (~2.5 s): out of the fast lane
 @pytest.mark.parametrize("args, fragment", [
     (["--n-embd", "100", "--n-head", "3"], "[model] n_embd must be a multiple of n_head"),
     (["--lr", "0"], "--lr must be > 0"),
