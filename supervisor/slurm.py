@@ -211,14 +211,15 @@ class TimeLimitWatch:
         end = self.query(self.job_id)
         if end is None:
             return
+        lead = stop_cost_s(self.costs())
         log.info("Slurm job %s ends at %s: trainsup saves %d s before unless Slurm's warning comes first",
-                 self.job_id, time.strftime("%H:%M:%S", time.localtime(end)), stop_cost_s(self.costs()))
+                 self.job_id, time.strftime("%H:%M:%S", time.localtime(end)), lead)
         while True:
-            lead = stop_cost_s(self.costs())
             wait_s = end - lead - self.wall_clock()
             if wait_s > 0:
                 if self._cancel.wait(min(wait_s, 60)):
                     return
+                lead = stop_cost_s(self.costs())
                 continue
             later = self.query(self.job_id)
             if later is not None and later > end:
