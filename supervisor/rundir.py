@@ -90,8 +90,11 @@ def secure_run_dir(run_dir: Path, *, group_shared: bool = False) -> list[str]:
     umask = SHARED_UMASK if group_shared else PRIVATE_UMASK
     os.umask(os.umask(umask) | umask)
     want = 0o770 if group_shared else 0o700
-    if not run_dir.exists():
+    try:  # no exists() check first: the nodes of a multi-node job create a shared run dir at once
         run_dir.mkdir(parents=True, mode=want)
+    except FileExistsError:
+        pass
+    else:
         os.chmod(run_dir, want)
         return []
     st = os.stat(run_dir)

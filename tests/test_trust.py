@@ -324,6 +324,37 @@ def test_existing_readable_run_dir_is_tightened_with_a_note(tmp_path):
     assert len(notes) == 1 and "from 0755 to 0700" in notes[0]
 
 
+def _secure_after(barrier, run_dir, out):
+    from supervisor.rundir import secure_run_dir
+
+    barrier.wait()
+    try:
+        secure_run_dir(run_dir)
+        out.put("ok")
+    except Exception as exc:  # noqa: BLE001 - the test reports what failed
+        out.put(repr(exc))
+
+
+def test_nodes_creating_one_run_dir_at_once_all_succeed(tmp_path):
+    """The nodes of a multi-node job start together on a shared run dir: whichever creates it,
+    the others find it made and go on (an exists-then-mkdir check lost that race in CI)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    results = []
+    for attempt in range(10):
+        run_dir = tmp_path / f"run{attempt}" / "run"
+        barrier, out = ctx.Barrier(8), ctx.Queue()
+        procs = [ctx.Process(target=_secure_after, args=(barrier, run_dir, out)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        results += [out.get(timeout=30) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+        assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    assert set(results) == {"ok"}, [r for r in results if r != "ok"][:3]
+
+
 def test_lock_and_pid_files_never_follow_symlinks(tmp_path):
     from supervisor.errors import UserError
     from supervisor.rundir import acquire_run_lock
