@@ -35,8 +35,8 @@ from typing import Callable, Mapping
 
 from supervisor.config import JobConfig, JobConfigError
 from supervisor.events import EventLog
+from train_core import costs as costing
 from train_core.contract import EXIT_SAVED
-from train_core.runfiles import read_json
 
 log = logging.getLogger(__name__)
 
@@ -150,18 +150,15 @@ def record(events: Path, name: str, **fields: object) -> None:
         log_.close()
 
 
-def stop_cost_s(costs: Mapping[str, object] | None) -> int:
+def stop_cost_s(costs: costing.Costs) -> int:
     """Seconds a stop takes: 1.5 x the recorded save time and a step, plus the exit (10 s);
     DEFAULT_STOP_S when the run dir has no save time recorded."""
-    stop_s = float(DEFAULT_STOP_S)
-    if costs:
-        save_s, step_s = costs.get("save_s"), costs.get("step_s")
-        if isinstance(save_s, (int, float)) and save_s >= 0:
-            stop_s = 1.5 * save_s + (step_s if isinstance(step_s, (int, float)) and step_s >= 0 else 0) + 10
-    return int(math.ceil(max(stop_s, 10)))
+    if costs.save_s is None:
+        return DEFAULT_STOP_S
+    return int(math.ceil(1.5 * costs.save_s + (costs.step_s or 0.0) + 10))
 
 
-def signal_lead_s(costs: Mapping[str, object] | None) -> int:
+def signal_lead_s(costs: costing.Costs) -> int:
     """Seconds before the time limit for the warning: Slurm's resolution plus a stop's cost."""
     return SIGNAL_RESOLUTION_S + stop_cost_s(costs)
 
@@ -189,7 +186,7 @@ class TimeLimitWatch:
     (`scontrol update TimeLimit=` may have moved it).
     """
 
-    def __init__(self, job_id: str, costs: Callable[[], Mapping[str, object] | None], *,
+    def __init__(self, job_id: str, costs: Callable[[], costing.Costs], *,
                  stopping: Callable[[], bool], events: Path, query: Callable[[str], float | None] = end_time,
                  wall_clock: Callable[[], float] = time.time,
                  send: Callable[[], None] = lambda: os.kill(os.getpid(), WARNING_SIGNAL)) -> None:
@@ -240,7 +237,7 @@ def time_limit_watch(job: JobConfig, env: Mapping[str, str], stopping: Callable[
     alloc = allocation(env)
     if alloc is None:
         return None
-    watch = TimeLimitWatch(alloc.job_id, lambda: read_json(job.paths.costs), stopping=stopping,
+    watch = TimeLimitWatch(alloc.job_id, lambda: costing.load(job.paths.costs), stopping=stopping,
                            events=job.paths.events)
     watch.start()
     return watch

@@ -23,6 +23,7 @@ from supervisor.cli import main
 from supervisor.config import JobConfigError, load_job
 from supervisor_helpers import events, missing, wait_for, write_job
 from toy_inprocess import isolated, run  # noqa: F401 - isolated: an autouse fixture
+from train_core import costs as costing
 from train_core.contract import EXIT_SAVED
 from train_core.store import CheckpointStore
 
@@ -82,10 +83,18 @@ def test_when_a_job_requeues_itself(tmp_path, requeue, code, sig, node, env, exp
     assert slurm.should_requeue(job, alloc_env(2, node) if env else {}, exit_code=code, stop_signal=sig) is expected
 
 
-def test_the_warning_lead_comes_from_the_recorded_save_time():
-    assert slurm.signal_lead_s(None) == 60 + 30
-    assert slurm.signal_lead_s({"save_s": 4.0, "step_s": 0.5}) == 60 + 17  # 1.5 x 4 + 0.5 + 10 s to exit
-    assert slurm.signal_lead_s({"save_s": "x"}) == 90
+def test_the_warning_lead_comes_from_the_recorded_save_time(tmp_path):
+    def lead(recorded: str | None) -> int:
+        path = tmp_path / "costs.json"
+        path.unlink(missing_ok=True)
+        if recorded is not None:
+            path.write_text(recorded)
+        return slurm.signal_lead_s(costing.load(path))
+
+    assert lead(None) == 60 + 30
+    assert lead('{"save_s": 4.0, "step_s": 0.5}') == 60 + 17  # 1.5 x 4 + 0.5 + 10 s to exit
+    assert lead('{"save_s": "x"}') == 90
+    assert lead('{"save_s": Infinity}') == 90  # json reads it as a float; it is no save time
 
 
 class FakeLimit:
@@ -97,7 +106,8 @@ class FakeLimit:
     def query(self, job_id: str) -> float | None:
         return self.ends.pop(0) if len(self.ends) > 1 else self.ends[0]
 
-    def watch(self, tmp_path: Path, *, stopping=lambda: False, costs=None) -> slurm.TimeLimitWatch:
+    def watch(self, tmp_path: Path, *, stopping=lambda: False,
+              costs=costing.Costs()) -> slurm.TimeLimitWatch:
         w = slurm.TimeLimitWatch("77", lambda: costs, stopping=stopping, events=tmp_path / "events.jsonl",
                                  query=self.query, wall_clock=lambda: self.now, send=self.sent.set)
         w.start()
@@ -107,7 +117,7 @@ class FakeLimit:
 def test_the_supervisor_sends_itself_the_warning_at_the_limit_minus_a_stops_cost(tmp_path):
     # a recorded save of 10 s and a step of 1 s: the stop costs 1.5 * 10 + 1 + 10 = 26 s
     limit = FakeLimit(1000.0 + 26)
-    w = limit.watch(tmp_path, costs={"save_s": 10.0, "step_s": 1.0})
+    w = limit.watch(tmp_path, costs=costing.Costs(save_s=10.0, step_s=1.0))
     assert limit.sent.wait(5)
     w.cancel()
     [record] = events(tmp_path)
@@ -116,7 +126,7 @@ def test_the_supervisor_sends_itself_the_warning_at_the_limit_minus_a_stops_cost
 
 def test_no_warning_of_its_own_before_that_moment_or_once_a_stop_began(tmp_path):
     early = FakeLimit(1000.0 + 27)  # 1 s before the moment: it waits
-    w = early.watch(tmp_path, costs={"save_s": 10.0, "step_s": 1.0})
+    w = early.watch(tmp_path, costs=costing.Costs(save_s=10.0, step_s=1.0))
     assert not early.sent.wait(0.5)
     w.cancel()
     stopping = FakeLimit(1000.0 + 5)  # past the moment, but Slurm's warning (or a scancel) came first
@@ -280,7 +290,7 @@ def test_a_job_without_a_warning_saves_before_its_time_limit_by_itself(tmp_path,
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
     [own] = events(tmp_path / "run", "slurm_time_limit")
-    lead = slurm.stop_cost_s(costs)
+    lead = slurm.stop_cost_s(costing.Costs(save_s=costs["save_s"], step_s=costs["step_s"]))  # as submitted
     assert own["lead_s"] == lead == 32 and 0 < own["seconds_left"] <= lead, own
     saved_and_requeued(tmp_path / "run", tail)
     assert "no warning signal came: saving now" in tail() and "requeued: it resumes" in tail()

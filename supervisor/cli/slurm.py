@@ -38,15 +38,15 @@ def script_cmd(job_file: Path, nodes: int, time_min: int, run_dir: Path | None, 
     """
     from supervisor import slurm as sl
     from supervisor.config import load_job
-    from train_core.runfiles import read_json
+    from train_core import costs as costing
 
     job = load_job(job_file, overrides, run_dir=run_dir)
-    costs = read_json(job.paths.costs)
+    costs = costing.load(job.paths.costs)
     lead = sl.signal_lead_s(costs)
     if lead >= time_min * 60:
         raise click.UsageError(f"--time {time_min} min is not longer than the warning's lead ({lead} s): "
                                f"ask for at least {lead // 60 + 2} minutes")
-    where = (f"from the save time in {job.paths.costs}" if costs and costs.get("save_s") is not None
+    where = (f"from the save time in {job.paths.costs}" if costs.save_s is not None
              else "default: no save time recorded yet")
     click.echo(sl.script(job_file, job=job, nodes=nodes, time_min=time_min, run_dir=run_dir, overrides=overrides,
                          lead_s=lead, lead_from=where, trainsup=shutil.which("trainsup") or "trainsup"), nl=False)
