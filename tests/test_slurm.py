@@ -21,7 +21,9 @@ from click.testing import CliRunner
 from supervisor import slurm
 from supervisor.cli import main
 from supervisor.config import JobConfigError, load_job
-from supervisor_helpers import events, missing, wait_for, write_job
+from supervisor_helpers import (
+    events, finish, kill_run, missing, read_json, start_supervisor, wait_for, write_job,
+)
 from toy_inprocess import isolated, run  # noqa: F401 - isolated: an autouse fixture
 from train_core import costs as costing
 from train_core.contract import EXIT_SAVED
@@ -302,8 +304,6 @@ def test_a_save_request_to_every_process_during_start_up_saves_instead_of_killin
     process of its step, the launcher and a rank still importing torch among them."""
     import psutil
 
-    from supervisor_helpers import finish, kill_run, read_json, start_supervisor
-
     job = write_job(tmp_path, ["--steps", "50", "--eval-every", "0"], script=TOY, launch={"num_processes": 2})
     sup = start_supervisor(job, log=tmp_path / "sup.log")
     try:
@@ -334,8 +334,6 @@ def caught_signals(pid: int) -> int:
 def test_a_save_request_while_the_supervisor_itself_starts_saves_instead_of_killing(tmp_path):
     """Slurm's warning in the job's first second, while the supervisor still imports: the
     command's first line holds it (supervisor/entry.py) and the run loop replays it."""
-    from supervisor_helpers import finish, kill_run, start_supervisor
-
     def bit(sig: int) -> int:
         return 1 << (sig - 1)
 
