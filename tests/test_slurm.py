@@ -225,7 +225,8 @@ def follow(job_id: str, tail, *, until_requeued: bool = False) -> None:
         if state == "COMPLETED":
             break
         seen = f"JobState={state} Reason={info.get('Reason')} Restarts={info.get('Restarts')} {refused}"
-        assert state in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING"), (seen, tail())
+        # SIGNALING: a running job while slurmctld delivers its --signal warning (seen for a poll or two)
+        assert state in ("PENDING", "RUNNING", "SIGNALING", "REQUEUED", "COMPLETING", "CONFIGURING"), (seen, tail())
         if state == "PENDING" and info.get("Restarts", "0") != "0":
             if until_requeued:  # and the supervisor has said so (it writes that after scontrol returns)
                 wait_for(lambda: "requeued: it resumes" in tail(), 10, "the supervisor's requeue record")
